@@ -1,0 +1,164 @@
+"""The Python API for embedding: load a bundle once, then generate or stream.
+
+    from edge_ssd import Engine
+    engine = Engine.load("models/qwen2.5-coder-0.5b-1.5b")
+    result = engine.generate("Write a function that reverses a string.", max_new_tokens=64)
+    print(result.text, result.stats["tokens_per_s"])
+    for piece in engine.stream(messages=[{"role": "user", "content": "Hi"}]):
+        print(piece, end="", flush=True)
+
+An Engine runs one request at a time (a lock serializes callers): both models' KV caches
+are per-engine state.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from .bundle import Bundle, load_bundle
+from .decode import DecodeConfig, decode
+from .drafters import ModelDrafter
+from .errors import RequestError
+from .model import OnnxLM
+from .providers import resolve
+from .sampling import SamplingParams
+from .stats import Stats
+from .text import TextStream, Tokenizer, build_prompt
+
+MODES = ("ar", "spec")
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list
+    stats: dict
+    finish_reason: str = ""
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "stats": self.stats,
+                "finish_reason": self.finish_reason}
+
+
+@dataclass
+class Stream:
+    """Iterate for text pieces; `result` is set once the iteration ends."""
+
+    _pieces: Iterator[str]
+    result: Optional[Result] = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+
+@dataclass
+class EngineOptions:
+    provider: str = "auto"
+    strict_provider: bool = False
+    threads: Optional[int] = None        # target; default: all cores
+    draft_threads: Optional[int] = None  # default: same as target (sequential speculation)
+    max_context: Optional[int] = None
+    exact: bool = False
+    verify: str = "auto"
+    load_draft: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, bundle: Bundle, options: EngineOptions = EngineOptions()):
+        self.bundle = bundle
+        self.options = options
+        self.provider = resolve(options.provider, options.strict_provider)
+        cores = os.cpu_count() or 1
+        min_rows = 2 if options.exact else 1
+        ctx = options.max_context
+        # Two sessions take turns on the same cores: a pool left spinning after its step would
+        # steal the cores from the other model's step, so spinning is off when both are loaded.
+        spin = bundle.draft is None or not options.load_draft
+        self.target = OnnxLM(bundle.target, self.provider, options.threads or cores, ctx, spin=spin,
+                             min_rows=min_rows)
+        self.draft: Optional[OnnxLM] = None
+        if bundle.draft is not None and options.load_draft:
+            self.draft = OnnxLM(bundle.draft, self.provider, options.draft_threads or options.threads or cores,
+                                self.target.max_context, spin=spin)
+        self.tokenizer = Tokenizer(bundle.tokenizer_file, bundle.tokenizer)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: "str | Path", **options) -> "Engine":
+        verify = options.pop("verify", "auto")
+        return cls(load_bundle(path, verify=verify), EngineOptions(verify=verify, **options))
+
+    @property
+    def max_context(self) -> int:
+        return self.target.max_context
+
+    def providers(self) -> dict:
+        """What really runs each model (onnxruntime's own answer)."""
+        out = {"target": self.target.providers_used}
+        if self.draft is not None:
+            out["draft"] = self.draft.providers_used
+        return out
+
+    def _prepare(self, prompt, messages, raw, mode, k, max_new_tokens, temperature, top_p, top_k, seed):
+        if mode not in MODES:
+            raise RequestError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode == "spec" and self.draft is None:
+            raise RequestError("mode spec needs a draft model, and this bundle (or engine) has none")
+        sp = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        cfg = DecodeConfig(max_new_tokens=max_new_tokens, k=k, sampling=sp, eos_ids=self.tokenizer.eos_ids)
+        ids = build_prompt(self.tokenizer, prompt, messages, raw)
+        if len(ids) + 1 > self.max_context:
+            raise RequestError(f"the prompt has {len(ids)} tokens; the context limit is {self.max_context}")
+        drafter = ModelDrafter(self.draft, self.target.entry.vocab_size) if mode == "spec" else None
+        return ids, cfg, drafter
+
+    def stream(self, prompt: Optional[str] = None, *, messages: Optional[list] = None, raw: bool = False,
+               mode: str = "spec", k: int = 4, max_new_tokens: int = 128, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
+               stop: Sequence[str] = ()) -> Stream:
+        """Start a request; iterate the returned Stream for text. Parameters are checked here."""
+        ids, cfg, drafter = self._prepare(prompt, messages, raw, mode, k, max_new_tokens,
+                                          temperature, top_p, top_k, seed)
+        text = TextStream(self.tokenizer, stop)
+        stream = Stream(iter(()))
+
+        def pieces() -> Iterator[str]:
+            stats = Stats(mode=mode)
+            out: list = []
+            with self._lock:
+                gen = decode(self.target, drafter, ids, cfg, stats)
+                try:
+                    for new in gen:
+                        out += new
+                        piece = text.push(new)
+                        if piece:
+                            yield piece
+                        if text.stopped:
+                            stats.finish_reason = "stop"
+                            break
+                finally:
+                    gen.close()
+            tail = text.finish()
+            if tail:
+                yield tail
+            stream.result = Result(text.full_text, out, stats.to_json(), stats.finish_reason)
+
+        stream._pieces = pieces()
+        return stream
+
+    def generate(self, prompt: Optional[str] = None, **kwargs) -> Result:
+        """Run a request to the end; return text, new token ids and stats.
+
+        token_ids are all tokens generated (EOS excluded); when a stop string ended the
+        request, the text is cut before it while token_ids run to the round that produced it.
+        """
+        s = self.stream(prompt, **kwargs)
+        for _ in s:
+            pass
+        assert s.result is not None
+        return s.result
+

@@ -1,0 +1,121 @@
+"""`edge-ssd bench`: decoding modes side by side, in one process, on the same prompts.
+
+For each prompt the modes run one after the other (alternating, so that drift in machine load
+hits every mode alike). Prints a table per prompt category and writes every result as JSON.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+from .errors import EdgeSSDError
+from .progress import Bar, fmt_bytes, peak_rss_bytes
+
+
+def read_prompts(path: Path, limit: Optional[int] = None, categories: Optional[set] = None) -> list:
+    """Plain JSONL with `prompt` (and optional `category`), or Spec-Bench (first of `turns`)."""
+    rows, per_cat = [], defaultdict(int)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise EdgeSSDError(f"cannot read prompts from {path}: {e}") from e
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise EdgeSSDError(f"{path}:{n}: not JSON: {e}") from e
+        prompt = obj.get("prompt") or (obj.get("turns") or [None])[0]
+        if not isinstance(prompt, str):
+            raise EdgeSSDError(f"{path}:{n}: no `prompt` or `turns`")
+        cat = obj.get("category", "all")
+        if categories and cat not in categories:
+            continue
+        if limit is not None and per_cat[cat] >= limit:
+            continue
+        per_cat[cat] += 1
+        rows.append({"id": obj.get("question_id", n), "category": cat, "prompt": prompt})
+    return rows
+
+
+def summarize(results: list, modes: list) -> dict:
+    """Per category and overall: tokens/s per mode (total tokens / total decode time), speedups."""
+    by_cat = defaultdict(list)
+    for r in results:
+        by_cat[r["category"]].append(r)
+        by_cat["ALL"].append(r)
+    table = {}
+    for cat, rs in by_cat.items():
+        row = {"prompts": len(rs)}
+        for m in modes:
+            st = [r["modes"][m] for r in rs]
+            toks = sum(max(0, s["new_tokens"] - 1) for s in st)
+            secs = sum(s["decode_s"] for s in st)
+            row[m] = {"tokens_per_s": toks / secs if secs else 0.0}
+            drafted = sum(s["drafted"] for s in st)
+            if drafted:
+                spec_rounds = sum(sum(1 for k in s["k_chosen"] if k > 0) for s in st)
+                row[m]["acceptance_rate"] = sum(s["accepted"] for s in st) / drafted
+                row[m]["mean_accepted_len"] = sum(s["accepted"] for s in st) / max(1, spec_rounds)
+        base = row[modes[0]]["tokens_per_s"]
+        for m in modes[1:]:
+            row[m]["speedup"] = row[m]["tokens_per_s"] / base if base else 0.0
+        same = [r["identical"] for r in rs if "identical" in r]
+        if same:
+            row["identical_share"] = sum(same) / len(same)
+        table[cat] = row
+    return table
+
+
+def print_table(table: dict, modes: list, out=sys.stdout) -> None:
+    head = f"{'category':<16}{'n':>4}" + "".join(f"{m + ' tok/s':>13}" for m in modes)
+    head += "".join(f"{m + ' x':>9}{'acc':>6}{'len':>6}" for m in modes[1:]) + f"{'same':>6}"
+    print(head, file=out)
+    for cat in sorted(table, key=lambda c: (c == "ALL", c)):
+        row = table[cat]
+        line = f"{cat:<16}{row['prompts']:>4}" + "".join(f"{row[m]['tokens_per_s']:>13.2f}" for m in modes)
+        for m in modes[1:]:
+            r = row[m]
+            line += f"{r['speedup']:>9.2f}{r.get('acceptance_rate', 0):>6.2f}{r.get('mean_accepted_len', 0):>6.2f}"
+        line += f"{row['identical_share']:>6.2f}" if "identical_share" in row else f"{'':>6}"
+        print(line, file=out)
+
+
+def run_bench(args, engine) -> int:
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    cats = set(args.categories.split(",")) if args.categories else None
+    prompts = read_prompts(args.prompts, args.limit, cats)
+    if not prompts:
+        raise EdgeSSDError("no prompts to run")
+    results = []
+    bar = Bar("bench", len(prompts) * len(modes), "runs")
+    for p in prompts:
+        rec = {"id": p["id"], "category": p["category"], "modes": {}}
+        ids = {}
+        for m in modes:
+            res = engine.generate(p["prompt"], mode=m, k=args.k, max_new_tokens=args.max_new_tokens)
+            rec["modes"][m] = res.stats
+            ids[m] = res.token_ids
+            bar.update(1)
+        if "ar" in ids and len(ids) > 1:
+            rec["identical"] = all(v == ids["ar"] for v in ids.values())
+            if not rec["identical"]:
+                other = next(v for v in ids.values() if v != ids["ar"])
+                rec["first_divergence"] = next(
+                    (i for i, (a, b) in enumerate(zip(ids["ar"], other)) if a != b), min(len(ids["ar"]), len(other)))
+        results.append(rec)
+    bar.close()
+    table = summarize(results, modes)
+    print_table(table, modes)
+    print(f"peak RSS {fmt_bytes(peak_rss_bytes())}; providers {engine.providers()}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "bundle": str(engine.bundle.path), "modes": modes, "k": args.k,
+            "max_new_tokens": args.max_new_tokens, "exact": engine.options.exact,
+            "threads": engine.options.threads, "summary": table, "results": results,
+            "peak_rss_bytes": peak_rss_bytes()}, indent=1))
+    return 0

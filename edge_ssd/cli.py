@@ -77,7 +77,9 @@ def _gen_kwargs(args, overrides: Optional[dict] = None) -> dict:
     kw = dict(mode=args.mode, k=args.k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, raw=args.raw)
     for key, val in (overrides or {}).items():
-        if key not in kw and key not in ("prompt", "messages", "id"):
+        if key in ("prompt", "messages", "id"):
+            continue
+        if key not in kw:
             raise EdgeSSDError(f"unknown request field {key!r}")
         kw[key] = val
     return kw

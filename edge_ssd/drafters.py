@@ -53,7 +53,9 @@ class ModelDrafter:
         self.seconds = 0.0
 
     def start(self, prompt: list) -> None:
+        """Prefill the draft's cache with the prompt (part of the request's prefill time)."""
         self.lm.reset()
+        self.lm.forward(prompt, keep=1)
 
     def propose(self, seq: list, k: int, sp: SamplingParams, rng: np.random.Generator) -> Proposal:
         logits = self.lm.forward(seq[self.lm.length:], keep=1)[0]

@@ -1,0 +1,151 @@
+"""The CLI contract, the Python API, and clear errors (never a traceback) for bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from edge_ssd.api import Engine
+from edge_ssd.errors import ProviderError, RequestError
+
+
+def cli(*args, check_rc=None, stdin=None):
+    p = subprocess.run([sys.executable, "-m", "edge_ssd.cli", *map(str, args)], capture_output=True, text=True,
+                       input=stdin, timeout=300)
+    assert "Traceback" not in p.stderr, p.stderr
+    if check_rc is not None:
+        assert p.returncode == check_rc, (p.returncode, p.stdout, p.stderr)
+    return p
+
+
+def test_runtime_never_imports_torch(fp32_bundle):
+    code = (
+        "import sys, edge_ssd.cli, edge_ssd.api, edge_ssd.bench\n"
+        "from edge_ssd import Engine\n"
+        f"e = Engine.load({str(fp32_bundle.path)!r}, provider='cpu')\n"
+        "r = e.generate('def add', max_new_tokens=8, raw=True)\n"
+        "bad = [m for m in ('torch', 'transformers', 'optimum', 'onnx', 'edge_ssd_export') if m in sys.modules]\n"
+        "assert r.stats['new_tokens'] >= 1, r\n"
+        "print('IMPORTED', bad)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "IMPORTED []" in p.stdout
+
+
+def test_generate_json_contract(fp32_bundle):
+    p = cli("generate", "--bundle", fp32_bundle.path, "--prompt", "def add(a, b):", "--raw", "--mode", "spec",
+            "--k", "3", "--max-new-tokens", "12", "--json", "--provider", "cpu", check_rc=0)
+    out = json.loads(p.stdout)
+    assert set(out) >= {"text", "token_ids", "stats"}
+    assert set(out["stats"]) >= {"mode", "new_tokens", "tokens_per_s", "total_s", "acceptance_rate",
+                                 "mean_accepted_len", "rounds", "draft_s", "verify_s", "peak_rss_bytes"}
+    assert out["stats"]["mode"] == "spec" and len(out["token_ids"]) == out["stats"]["new_tokens"]
+    ar = json.loads(cli("generate", "--bundle", fp32_bundle.path, "--prompt", "def add(a, b):", "--raw",
+                        "--mode", "ar", "--max-new-tokens", "12", "--json", check_rc=0).stdout)
+    assert ar["token_ids"] == out["token_ids"] and ar["text"] == out["text"]
+
+
+def test_chat_messages_file_and_streaming(fp32_bundle, tmp_path):
+    msgs = tmp_path / "m.json"
+    msgs.write_text(json.dumps([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]))
+    p = cli("generate", "--bundle", fp32_bundle.path, "--messages", msgs, "--max-new-tokens", "6", check_rc=0)
+    assert "tok/s" in p.stderr
+
+
+def test_batch_jsonl_bad_line_gets_error_record(fp32_bundle, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join([
+        json.dumps({"id": "a", "prompt": "def add", "max_new_tokens": 5}),
+        "{not json",
+        json.dumps({"id": "c", "prompt": "", "max_new_tokens": 5}),
+        json.dumps({"id": "d", "prompt": "x", "temperature": -2}),
+        json.dumps({"id": "e", "messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 4}),
+    ]) + "\n")
+    cli("generate", "--bundle", fp32_bundle.path, "--input", inp, "--output", out, "--raw", check_rc=0)
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [("error" in r) for r in recs] == [False, True, True, True, False]
+    assert recs[0]["id"] == "a" and recs[0]["stats"]["new_tokens"] == 5
+    assert "temperature" in recs[3]["error"]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--prompt", ""], "prompt is empty"),
+    (["--prompt", "x", "--temperature", "-1"], "temperature"),
+    (["--prompt", "x", "--top-p", "2"], "top_p"),
+    (["--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens"),
+    (["--prompt", "x", "--k", "40"], "k must be"),
+    (["--prompt", "x " * 400, "--max-context", "64"], "context limit is 64"),
+])
+def test_bad_requests_are_clear_errors(fp32_bundle, args, msg):
+    p = cli("generate", "--bundle", fp32_bundle.path, "--raw", *args, check_rc=1)
+    assert msg in p.stderr
+
+
+def test_missing_and_corrupt_bundles(fp32_bundle, tmp_path):
+    p = cli("generate", "--bundle", tmp_path / "nope", "--prompt", "x", check_rc=1)
+    assert "no bundle folder" in p.stderr
+    copy = tmp_path / "c"
+    shutil.copytree(fp32_bundle.path, copy)
+    with open(copy / "target" / "model.onnx.data", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x13\x37")
+    p = cli("generate", "--bundle", copy, "--prompt", "x", check_rc=1)
+    assert "target/model.onnx.data is corrupt" in p.stderr
+
+
+def test_external_data_outside_the_bundle_is_refused(fp32_bundle, tmp_path):
+    import onnx
+
+    from edge_ssd.bundle import sha256_of
+
+    copy = tmp_path / "evil"
+    shutil.copytree(fp32_bundle.path, copy)
+    g = copy / "draft" / "model.onnx"
+    m = onnx.load(str(g), load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../../outside.data"
+    onnx.save(m, str(g))
+    shutil.copy(copy / "draft" / "model.onnx.data", tmp_path / "outside.data")
+    man = json.loads((copy / "pair.json").read_text())
+    man["models"]["draft"]["files"][0].update(size=g.stat().st_size, sha256=sha256_of(g))
+    (copy / "pair.json").write_text(json.dumps(man))
+    p = cli("generate", "--bundle", copy, "--prompt", "x", check_rc=1)
+    assert "escapes model directory" in p.stderr
+
+
+def test_provider_fallback_and_strict(fp32_bundle):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is present here")
+    e = Engine.load(fp32_bundle.path, provider="cuda")
+    assert e.providers()["target"][0] == "CPUExecutionProvider"
+    with pytest.raises(ProviderError, match="not available"):
+        Engine.load(fp32_bundle.path, provider="cuda", strict_provider=True)
+    p = cli("generate", "--bundle", fp32_bundle.path, "--prompt", "x", "--provider", "cuda", "--strict-provider",
+            check_rc=1)
+    assert "not available" in p.stderr
+
+
+def test_api_stream_and_stop(fp32_bundle):
+    e = Engine.load(fp32_bundle.path, provider="cpu", threads=1)
+    full = e.generate("def add", raw=True, max_new_tokens=30)
+    assert full.text
+    stop = full.text[len(full.text) // 2:][:2]
+    s = e.stream("def add", raw=True, max_new_tokens=30, stop=[stop])
+    text = "".join(s)
+    assert text == full.text[: full.text.index(stop)]
+    assert s.result.finish_reason == "stop" and s.result.text == text
+    with pytest.raises(RequestError):
+        e.generate("x", mode="parallel-universe")
+
+
+def test_info(fp32_bundle):
+    out = json.loads(cli("info", "--bundle", fp32_bundle.path, check_rc=0).stdout)
+    assert "cpu" in out["providers"] and out["bundle"]["target"]["layers"] == 2

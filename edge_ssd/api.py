@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from .bundle import Bundle, load_bundle
+from .bundle import STAMP_CACHE, Bundle, load_bundle
+from .costs import StepCosts, cached_calibration
 from .decode import DecodeConfig, decode
-from .drafters import ModelDrafter
+from .drafters import AutoDrafter, Drafter, ModelDrafter, NgramDrafter
 from .errors import RequestError
 from .model import OnnxLM
 from .providers import resolve
@@ -29,6 +30,7 @@ from .stats import Stats
 from .text import TextStream, Tokenizer, build_prompt
 
 MODES = ("ar", "spec")
+DRAFTERS = ("model", "ngram", "auto")
 
 
 @dataclass
@@ -86,6 +88,11 @@ class Engine:
                                 self.target.max_context, spin=spin)
         self.tokenizer = Tokenizer(bundle.tokenizer_file, bundle.tokenizer)
         self._lock = threading.Lock()
+        key = {"bundle": bundle.manifest["models"]["target"]["files"][-1]["sha256"],
+               "draft": (bundle.manifest["models"].get("draft") or {}).get("files", [{}])[-1].get("sha256"),
+               "provider": self.provider, "threads": [options.threads, options.draft_threads, cores],
+               "exact": options.exact, "draft_loaded": self.draft is not None}
+        self.costs: StepCosts = cached_calibration(key, self.target, self.draft, STAMP_CACHE.parent)
 
     @classmethod
     def load(cls, path: "str | Path", **options) -> "Engine":
@@ -103,26 +110,47 @@ class Engine:
             out["draft"] = self.draft.providers_used
         return out
 
-    def _prepare(self, prompt, messages, raw, mode, k, max_new_tokens, temperature, top_p, top_k, seed):
+    def _drafter(self, mode: str, drafter: str) -> Optional[Drafter]:
         if mode not in MODES:
             raise RequestError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if mode == "spec" and self.draft is None:
-            raise RequestError("mode spec needs a draft model, and this bundle (or engine) has none")
+        if drafter not in DRAFTERS:
+            raise RequestError(f"drafter must be one of {', '.join(DRAFTERS)}, got {drafter!r}")
+        if mode == "ar":
+            return None
+        model = ModelDrafter(self.draft, self.target.entry.vocab_size) if self.draft else None
+        if drafter == "model":
+            if model is None:
+                raise RequestError("drafter 'model' needs a draft model, and this bundle (or engine) has none")
+            return model
+        if drafter == "ngram":
+            return NgramDrafter()
+        return AutoDrafter(model, NgramDrafter())
+
+    def _prepare(self, prompt, messages, raw, mode, drafter, k, k_min, k_max, max_new_tokens, temperature,
+                 top_p, top_k, seed):
         sp = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        cfg = DecodeConfig(max_new_tokens=max_new_tokens, k=k, sampling=sp, eos_ids=self.tokenizer.eos_ids)
+        if k == "auto":
+            k = None
+        cfg = DecodeConfig(max_new_tokens=max_new_tokens, k=k, k_min=k_min, k_max=k_max, sampling=sp,
+                           eos_ids=self.tokenizer.eos_ids)
+        d = self._drafter(mode, drafter)
         ids = build_prompt(self.tokenizer, prompt, messages, raw)
         if len(ids) + 1 > self.max_context:
             raise RequestError(f"the prompt has {len(ids)} tokens; the context limit is {self.max_context}")
-        drafter = ModelDrafter(self.draft, self.target.entry.vocab_size) if mode == "spec" else None
-        return ids, cfg, drafter
+        return ids, cfg, d
 
     def stream(self, prompt: Optional[str] = None, *, messages: Optional[list] = None, raw: bool = False,
-               mode: str = "spec", k: int = 4, max_new_tokens: int = 128, temperature: float = 0.0,
-               top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
-               stop: Sequence[str] = ()) -> Stream:
-        """Start a request; iterate the returned Stream for text. Parameters are checked here."""
-        ids, cfg, drafter = self._prepare(prompt, messages, raw, mode, k, max_new_tokens,
-                                          temperature, top_p, top_k, seed)
+               mode: str = "spec", drafter: str = "auto", k: "int | str | None" = "auto", k_min: int = 0,
+               k_max: int = 8, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: Optional[int] = None, stop: Sequence[str] = ()) -> Stream:
+        """Start a request; iterate the returned Stream for text. Parameters are checked here.
+
+        mode: "spec" (speculative) or "ar" (target alone). drafter: "model", "ngram" (prompt
+        lookup) or "auto" (per round, whichever is expected to pay). k: tokens drafted per
+        round, or "auto" to choose per round from measured costs within [k_min, k_max].
+        """
+        ids, cfg, drafter = self._prepare(prompt, messages, raw, mode, drafter, k, k_min, k_max,
+                                          max_new_tokens, temperature, top_p, top_k, seed)
         text = TextStream(self.tokenizer, stop)
         stream = Stream(iter(()))
 
@@ -130,7 +158,7 @@ class Engine:
             stats = Stats(mode=mode)
             out: list = []
             with self._lock:
-                gen = decode(self.target, drafter, ids, cfg, stats)
+                gen = decode(self.target, drafter, ids, cfg, stats, self.costs)
                 try:
                     for new in gen:
                         out += new

@@ -85,8 +85,21 @@ def print_table(table: dict, modes: list, out=sys.stdout) -> None:
         print(line, file=out)
 
 
+def parse_mode(spec: str) -> dict:
+    """'spec/k=4/drafter=ngram' -> generate() keyword arguments."""
+    name, *opts = spec.split("/")
+    kw: dict = {"mode": name}
+    for o in opts:
+        key, sep, val = o.partition("=")
+        if not sep or key not in ("k", "drafter", "k_min", "k_max"):
+            raise EdgeSSDError(f"bad mode option {o!r} in {spec!r} (use k=, drafter=, k_min=, k_max=)")
+        kw[key] = val if key == "drafter" or val == "auto" else int(val)
+    return kw
+
+
 def run_bench(args, engine) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    mode_kw = {m: parse_mode(m) for m in modes}
     cats = set(args.categories.split(",")) if args.categories else None
     prompts = read_prompts(args.prompts, args.limit, cats)
     if not prompts:
@@ -97,7 +110,7 @@ def run_bench(args, engine) -> int:
         rec = {"id": p["id"], "category": p["category"], "modes": {}}
         ids = {}
         for m in modes:
-            res = engine.generate(p["prompt"], mode=m, k=args.k, max_new_tokens=args.max_new_tokens)
+            res = engine.generate(p["prompt"], max_new_tokens=args.max_new_tokens, **mode_kw[m])
             rec["modes"][m] = res.stats
             ids[m] = res.token_ids
             bar.update(1)
@@ -114,7 +127,7 @@ def run_bench(args, engine) -> int:
     print(f"peak RSS {fmt_bytes(peak_rss_bytes())}; providers {engine.providers()}")
     if args.json:
         args.json.write_text(json.dumps({
-            "bundle": str(engine.bundle.path), "modes": modes, "k": args.k,
+            "bundle": str(engine.bundle.path), "modes": modes, "costs": engine.costs.to_json(),
             "max_new_tokens": args.max_new_tokens, "exact": engine.options.exact,
             "threads": engine.options.threads, "summary": table, "results": results,
             "peak_rss_bytes": peak_rss_bytes()}, indent=1))

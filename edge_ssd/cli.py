@@ -24,9 +24,22 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="bundle checksum policy (auto: hash files once per version)")
 
 
+def k_arg(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"K must be an integer or 'auto', not {text!r}") from None
+
+
 def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="spec", choices=["ar", "spec"])
-    p.add_argument("--k", type=int, default=4, help="draft tokens per round")
+    p.add_argument("--drafter", default="auto", choices=["model", "ngram", "auto"],
+                   help="draft model, prompt lookup, or per round whichever pays (default)")
+    p.add_argument("--k", type=k_arg, default="auto", help="draft tokens per round, or auto (default)")
+    p.add_argument("--k-min", type=int, default=0, help="auto K lower bound (0 allows plain steps)")
+    p.add_argument("--k-max", type=int, default=8, help="auto K upper bound")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -58,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompts", type=Path, required=True, help="JSONL with `prompt`, or Spec-Bench `turns`")
     b.add_argument("--limit", type=int, default=None, help="prompts per category")
     b.add_argument("--categories", default=None, help="comma-separated categories to run")
-    b.add_argument("--modes", default="ar,spec")
-    b.add_argument("--k", type=int, default=4)
+    b.add_argument("--modes", default="ar,spec",
+                   help="comma-separated; each MODE[/key=value...], e.g. ar,spec,spec/k=4,spec/drafter=ngram")
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--json", type=Path, default=None, help="write all results here")
     return ap
@@ -74,8 +87,9 @@ def _engine(args):
 
 
 def _gen_kwargs(args, overrides: Optional[dict] = None) -> dict:
-    kw = dict(mode=args.mode, k=args.k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-              top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, raw=args.raw)
+    kw = dict(mode=args.mode, drafter=args.drafter, k=args.k, k_min=args.k_min, k_max=args.k_max,
+              max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+              top_k=args.top_k, seed=args.seed, stop=args.stop, raw=args.raw)
     for key, val in (overrides or {}).items():
         if key in ("prompt", "messages", "id"):
             continue
@@ -107,7 +121,8 @@ def cmd_generate(args) -> int:
     sys.stdout.write("\n")
     s = stream.result.stats
     print(f"[{s['mode']}] {s['new_tokens']} tokens, {s['tokens_per_s']:.2f} tok/s, "
-          f"acceptance {s['acceptance_rate']:.2f}, mean accepted {s['mean_accepted_len']:.2f}", file=sys.stderr)
+          f"acceptance {s['acceptance_rate']:.2f}, mean accepted {s['mean_accepted_len']:.2f}, "
+          f"mean K {s['mean_k']:.2f}", file=sys.stderr)
     return 0
 
 

@@ -1,9 +1,10 @@
 """The decoding loop: plain (`ar`) and speculative (`spec`), one sequence at a time.
 
-One round of `spec`: the drafter proposes K tokens after the committed sequence; the target
-scores the last committed token plus the K proposals in one forward pass (K+1 rows); the
-longest acceptable prefix is kept plus one token of the target's own; both KV caches are cut
-back to what was kept. With K = 0 a round is a plain target step, so `ar` is the same loop.
+One round of `spec`: the drafter proposes up to K tokens after the committed sequence (the
+policy decides K, and may stop drafting early); the target scores the last committed token
+plus the proposals in one forward pass (K+1 rows); the longest acceptable prefix is kept plus
+one token of the target's own; both KV caches are cut back to what was kept. A round with no
+proposal is a plain target step, so `ar` is this same loop without a drafter.
 """
 from __future__ import annotations
 
@@ -13,26 +14,38 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from .costs import StepCosts
 from .drafters import Drafter
 from .errors import RequestError
 from .model import OnnxLM
+from .policy import SpecPolicy
 from .sampling import SamplingParams, accept_greedy, accept_sampled, pick
 from .stats import Stats
+
+K_LIMIT = 16
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
+    """k None means auto: chosen per round from measured costs and acceptance, in [k_min, k_max]."""
+
     max_new_tokens: int = 128
-    k: int = 4
+    k: Optional[int] = 4
+    k_min: int = 0
+    k_max: int = 8
     sampling: SamplingParams = SamplingParams()
     eos_ids: frozenset = frozenset()
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
-                or not 1 <= self.max_new_tokens <= 1_000_000:
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= 1_000_000:
             raise RequestError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or not 0 <= self.k <= 16:
-            raise RequestError(f"k must be an integer in [0, 16], got {self.k!r}")
+        if self.k is not None and (not is_int(self.k) or not 0 <= self.k <= K_LIMIT):
+            raise RequestError(f"k must be 'auto' or an integer in [0, {K_LIMIT}], got {self.k!r}")
+        if not (is_int(self.k_min) and is_int(self.k_max) and 0 <= self.k_min <= self.k_max <= K_LIMIT):
+            raise RequestError(f"need 0 <= k_min <= k_max <= {K_LIMIT}, got {self.k_min!r}, {self.k_max!r}")
 
 
 def _clip(new: list, eos: frozenset, budget: int) -> tuple:
@@ -46,19 +59,19 @@ def _clip(new: list, eos: frozenset, budget: int) -> tuple:
 
 
 def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: DecodeConfig,
-           stats: Stats) -> Iterator[list]:
+           stats: Stats, costs: Optional[StepCosts] = None) -> Iterator[list]:
     """Yield each round's committed new tokens; fill `stats` as it goes.
 
-    drafter None (or cfg.k 0) is plain target decoding: the `ar` baseline.
+    drafter None is plain target decoding: the `ar` baseline. costs (shared across requests)
+    are needed for auto K and are kept current with the steps this request runs.
     """
     if not prompt:
         raise RequestError("the prompt is empty")
     if len(prompt) + 1 > target.max_context:
-        raise RequestError(
-            f"the prompt has {len(prompt)} tokens; the context limit is {target.max_context}"
-        )
+        raise RequestError(f"the prompt has {len(prompt)} tokens; the context limit is {target.max_context}")
     sp = cfg.sampling
     rng = np.random.default_rng(sp.seed)
+    policy = SpecPolicy(costs, cfg.k, cfg.k_min, cfg.k_max) if drafter is not None else None
     t_start = time.perf_counter()
     stats.prompt_tokens = len(prompt)
     target.reset()
@@ -85,26 +98,34 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
             if room < 0:
                 stats.finish_reason = "context"
                 return
-            k = min(cfg.k, room, cfg.max_new_tokens - produced - 1) if drafter is not None else 0
-            if k <= 0:
-                t0 = time.perf_counter()
+            k = policy.budget(min(room, cfg.max_new_tokens - produced - 1)) if policy else 0
+            t0 = time.perf_counter()
+            prop = drafter.propose(seq, k, sp, rng, policy) if k > 0 else None
+            t1 = time.perf_counter()
+            if prop is None or not prop.tokens:
                 new = [pick(target.forward([seq[-1]])[0], sp, rng)]
-                stats.verify_s += time.perf_counter() - t0
+                dt = time.perf_counter() - t1
+                stats.draft_s += t1 - t0
+                stats.verify_s += dt
+                if costs is not None:
+                    costs.observe_verify(1, dt)
                 stats.record_round(0, 0)
                 continue
-            t0 = time.perf_counter()
-            prop = drafter.propose(seq, k, sp, rng)
-            t1 = time.perf_counter()
+            k = len(prop.tokens)
             logits = target.forward([seq[-1]] + prop.tokens, keep=k + 1)
             if sp.greedy:
                 n, bonus = accept_greedy(logits, prop.tokens)
             else:
                 n, bonus = accept_sampled(logits, prop.tokens, prop.q, sp, rng)
+            dt = time.perf_counter() - t1
             stats.draft_s += t1 - t0
-            stats.verify_s += time.perf_counter() - t1
+            stats.verify_s += dt
+            if costs is not None:
+                costs.observe_verify(k + 1, dt)
             target.truncate(len(seq) + n)
             drafter.commit(len(seq) + n)
-            stats.record_round(k, n)
+            policy.observe(prop.conf, n)
+            stats.record_round(k, n, prop.source)
             new = prop.tokens[:n] + [bonus]
     finally:
         stats.new_tokens = produced

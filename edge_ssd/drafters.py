@@ -1,30 +1,41 @@
 """Drafters: where proposals come from. The decoding loop sees only this interface.
 
 A drafter proposes up to k tokens that follow a committed sequence, with the probabilities it
-drew them from (q) or None for a deterministic proposal, which the acceptance rule treats as
-a point mass. `commit(n)` tells it that only the first n tokens of what it saw are final.
+drew them from (q), or q None for a deterministic proposal, which the acceptance rule treats
+as a point mass. `commit(n)` tells it that only the first n tokens of what it saw are final.
+
+* ModelDrafter: a small LM on its own KV cache (the classic draft model).
+* NgramDrafter: prompt lookup. The last n tokens are searched for earlier in the prompt and
+  the text so far; what followed them is proposed. Costs microseconds and wins on
+  input-grounded text (summaries, RAG, code edits, extraction).
+* AutoDrafter: per round, the proposal with the better expected payoff.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
 import numpy as np
 
 from .model import OnnxLM
+from .policy import SpecPolicy
 from .sampling import SamplingParams, probs, sample
 
 
 @dataclass
 class Proposal:
     tokens: list
-    q: Optional[np.ndarray]  # [len(tokens), target vocab] float32, or None: deterministic
+    q: Optional[np.ndarray] = None    # [len(tokens), target vocab] float32, or None: deterministic
+    conf: list = field(default_factory=list)  # the model draft's confidence per token
+    source: str = "model"
 
 
 class Drafter(Protocol):
     def start(self, prompt: list) -> None: ...
 
-    def propose(self, seq: list, k: int, sp: SamplingParams, rng: np.random.Generator) -> Proposal: ...
+    def propose(self, seq: list, k: int, sp: SamplingParams, rng: np.random.Generator,
+                policy: SpecPolicy) -> Proposal: ...
 
     def commit(self, n_valid: int) -> None: ...
 
@@ -39,6 +50,11 @@ def fit_vocab(q: np.ndarray, vocab: int) -> np.ndarray:
     return q / q.sum(axis=-1, keepdims=True)
 
 
+def _top1_prob(logits: np.ndarray, t: int) -> float:
+    x = logits - logits[t]
+    return float(1.0 / np.exp(x, dtype=np.float32).sum())
+
+
 class ModelDrafter:
     """A small LM drafting autoregressively on its own KV cache.
 
@@ -50,28 +66,129 @@ class ModelDrafter:
     def __init__(self, lm: OnnxLM, target_vocab: int):
         self.lm = lm
         self.target_vocab = target_vocab
-        self.seconds = 0.0
 
     def start(self, prompt: list) -> None:
         """Prefill the draft's cache with the prompt (part of the request's prefill time)."""
         self.lm.reset()
         self.lm.forward(prompt, keep=1)
 
-    def propose(self, seq: list, k: int, sp: SamplingParams, rng: np.random.Generator) -> Proposal:
+    def propose(self, seq: list, k: int, sp: SamplingParams, rng: np.random.Generator,
+                policy: SpecPolicy) -> Proposal:
+        if k <= 0 or not policy.model_pays():
+            return Proposal([])
+        t0 = time.perf_counter()
         logits = self.lm.forward(seq[self.lm.length:], keep=1)[0]
+        if policy.costs is not None and len(seq) - self.lm.length == 1:
+            policy.costs.observe_draft(time.perf_counter() - t0)
         vmax = self.target_vocab
-        tokens, qs = [], []
-        for i in range(k):
+        tokens, qs, confs = [], [], []
+        while True:
             if sp.greedy:
                 t = int(np.argmax(logits[:vmax]))
+                confs.append(_top1_prob(logits[:vmax], t))
             else:
                 q = fit_vocab(probs(logits[None], sp), vmax)[0]
                 t = sample(q, rng)
                 qs.append(q)
+                confs.append(float(q[t]))
             tokens.append(t)
-            if i + 1 < k:
-                logits = self.lm.forward([t])[0]
-        return Proposal(tokens, np.stack(qs) if qs else None)
+            if len(tokens) >= k or not policy.keep_drafting(confs):
+                break
+            t0 = time.perf_counter()
+            logits = self.lm.forward([t])[0]
+            if policy.costs is not None:
+                policy.costs.observe_draft(time.perf_counter() - t0)
+        return Proposal(tokens, np.stack(qs) if qs else None, confs, "model")
 
     def commit(self, n_valid: int) -> None:
         self.lm.truncate(n_valid)
+
+
+class NgramDrafter:
+    """Prompt lookup: continue the most recent earlier occurrence of the sequence's last n tokens."""
+
+    def __init__(self, n_max: int = 4, n_min: int = 2):
+        if not 1 <= n_min <= n_max:
+            raise ValueError(f"need 1 <= ngram min <= max, got {n_min}, {n_max}")
+        self.n_max, self.n_min = n_max, n_min
+        self.arr = np.empty(0, np.int64)
+
+    def start(self, prompt: list) -> None:
+        self.arr = np.asarray(prompt, np.int64)
+
+    def lookup(self, seq: list, k: int) -> list:
+        if len(seq) > len(self.arr):  # append only what is new: the sequence only grows
+            self.arr = np.concatenate([self.arr[: len(seq)], np.asarray(seq[len(self.arr):], np.int64)])
+        a = self.arr[: len(seq)]
+        for n in range(min(self.n_max, len(a) - 1), self.n_min - 1, -1):
+            tail = a[-n:]
+            starts = np.flatnonzero(a[: len(a) - n] == tail[0])
+            for s in starts[::-1]:  # most recent first
+                if np.array_equal(a[s:s + n], tail):
+                    cont = a[s + n: s + n + k]
+                    if len(cont):
+                        return cont.tolist()
+        return []
+
+    def propose(self, seq: list, k: int, sp: SamplingParams, rng: np.random.Generator,
+                policy: SpecPolicy) -> Proposal:
+        return Proposal(self.lookup(seq, k) if k > 0 else [], None, [], "ngram")
+
+    def commit(self, n_valid: int) -> None:
+        pass
+
+
+class AutoDrafter:
+    """Per round: the n-gram proposal when it is expected to pay more than the draft model.
+
+    N-gram tokens cost no drafting, only verification rows. Their acceptance is tracked per
+    token (decayed, with a prior); a proposal of length L is taken when
+    (1 + sum_i a^i) / verify(L+1) beats the draft model's expected rate at its recent
+    acceptance (or a plain step's 1 / verify(1) when there is no draft model). A matched
+    proposal passed over several times is tried anyway, so a bad start is not final.
+    """
+
+    PROBE_AFTER = 6
+
+    def __init__(self, model: Optional[ModelDrafter], ngram: NgramDrafter):
+        self.model, self.ngram = model, ngram
+        self.hits, self.tested = 1.4, 2.0     # prior: 70% acceptance, worth two tokens
+        self._skipped = 0
+        self._last: Optional[Proposal] = None
+        self._base = 0
+
+    def start(self, prompt: list) -> None:
+        self.ngram.start(prompt)
+        if self.model is not None:
+            self.model.start(prompt)
+
+    def _ngram_pays(self, length: int, policy: SpecPolicy) -> bool:
+        c = policy.costs
+        if c is None or self._skipped >= self.PROBE_AFTER:
+            return True
+        a = self.hits / self.tested
+        rate = (1 + sum(a ** i for i in range(1, length + 1))) / c.verify_rows(length + 1)
+        best_other = policy.model_rate() if self.model is not None else 1 / c.verify_rows(1)
+        return rate >= best_other
+
+    def propose(self, seq: list, k: int, sp: SamplingParams, rng: np.random.Generator,
+                policy: SpecPolicy) -> Proposal:
+        self._base = len(seq)
+        tokens = self.ngram.lookup(seq, k) if k > 0 else []
+        if tokens and self._ngram_pays(len(tokens), policy):
+            self._skipped = 0
+            prop = Proposal(tokens, None, [], "ngram")
+        else:
+            self._skipped += bool(tokens)
+            prop = self.model.propose(seq, k, sp, rng, policy) if self.model is not None else Proposal([])
+        self._last = prop
+        return prop
+
+    def commit(self, n_valid: int) -> None:
+        if self.model is not None:
+            self.model.commit(n_valid)
+        prop, n = self._last, n_valid - self._base
+        if prop is not None and prop.source == "ngram" and prop.tokens:
+            self.hits = 0.95 * self.hits + n
+            self.tested = 0.95 * self.tested + min(len(prop.tokens), n + 1)
+        self._last = None

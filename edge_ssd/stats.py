@@ -16,6 +16,7 @@ class Stats:
     accepted: int = 0          # draft tokens accepted
     per_position: list = field(default_factory=list)  # [proposed, accepted] per draft position
     k_chosen: list = field(default_factory=list)      # K of each round
+    sources: dict = field(default_factory=dict)       # drafter -> [rounds, drafted, accepted]
     prefill_s: float = 0.0
     decode_s: float = 0.0      # from the first new token to the last
     draft_s: float = 0.0
@@ -23,13 +24,15 @@ class Stats:
     total_s: float = 0.0
     finish_reason: str = ""
 
-    def record_round(self, k: int, n: int) -> None:
+    def record_round(self, k: int, n: int, source: str = "") -> None:
         self.rounds += 1
         self.k_chosen.append(k)
         if k == 0:
             return
         self.drafted += k
         self.accepted += n
+        src = self.sources.setdefault(source or "model", [0, 0, 0])
+        src[0], src[1], src[2] = src[0] + 1, src[1] + k, src[2] + n
         while len(self.per_position) < k:
             self.per_position.append([0, 0])
         for i in range(k):
@@ -67,6 +70,8 @@ class Stats:
             "accepted": self.accepted,
             "per_position_acceptance": [round(a / p, 4) if p else 0.0 for p, a in self.per_position],
             "k_chosen": self.k_chosen,
+            "mean_k": round(sum(self.k_chosen) / len(self.k_chosen), 3) if self.k_chosen else 0.0,
+            "drafters": {name: {"rounds": r, "drafted": d, "accepted": a} for name, (r, d, a) in self.sources.items()},
             "draft_s": round(self.draft_s, 4),
             "verify_s": round(self.verify_s, 4),
             "overhead_s": round(max(0.0, self.decode_s - self.draft_s - self.verify_s), 4),

@@ -94,3 +94,70 @@ def test_prompt_over_the_context_is_refused_up_front(fp32_bundle):
 def test_bad_decode_parameters(bad):
     with pytest.raises(RequestError):
         DecodeConfig(**bad)
+
+
+def test_ngram_and_auto_drafters_are_lossless(fp32_bundle):
+    """Prompt lookup (a point-mass proposal) and the per-round choice keep greedy output exact."""
+    from edge_ssd.costs import calibrate
+    from edge_ssd.drafters import AutoDrafter, NgramDrafter
+
+    target = OnnxLM(fp32_bundle.target, threads=1)
+    draft = OnnxLM(fp32_bundle.draft, threads=1)
+    costs = calibrate(target, draft, context=16, reps=2)
+    repetitive = [7, 8, 9, 10, 11] * 6
+    used = set()
+    for prompt in PROMPTS + [repetitive]:
+        ar, _ = run(target, None, prompt, max_new_tokens=40)
+        for d, k in ((NgramDrafter(), 4), (AutoDrafter(ModelDrafter(draft, 300), NgramDrafter()), None),
+                     (AutoDrafter(None, NgramDrafter()), None)):
+            stats = Stats("spec")
+            cfg = DecodeConfig(max_new_tokens=40, k=k)
+            spec = [t for chunk in decode(target, d, prompt, cfg, stats, costs) for t in chunk]
+            assert spec == ar, (type(d).__name__, prompt)
+            used |= set(stats.sources)
+    assert used == {"model", "ngram"}
+
+
+def test_ngram_lookup_prefers_longest_most_recent_match():
+    from edge_ssd.drafters import NgramDrafter
+
+    d = NgramDrafter(n_max=3, n_min=1)
+    d.start([1, 2, 3, 9, 1, 2, 3, 4, 5, 2, 3])
+    assert d.lookup([1, 2, 3, 9, 1, 2, 3, 4, 5, 2, 3], 3) == [4, 5, 2]   # "2 3" -> after its latest match
+    assert d.lookup([1, 2, 3, 9, 1, 2, 3, 4, 5, 2, 3, 77], 3) == []      # 77 never seen before
+    assert d.lookup([1, 2, 3, 9, 1, 2, 3, 4, 5, 2, 3, 77, 1, 2], 2) == [3, 4]
+
+
+def test_auto_k_adapts_to_acceptance(fp32_bundle):
+    """With a perfect draft auto K drafts long; with a useless one it falls back to plain steps.
+
+    Costs are frozen at device-like values: the tiny models' real step times are all overhead.
+    """
+    from edge_ssd.costs import StepCosts as RealCosts
+
+    class StepCosts(RealCosts):
+        def observe_verify(self, rows, seconds):
+            pass
+
+        def observe_draft(self, seconds):
+            pass
+
+    target = OnnxLM(fp32_bundle.target, threads=1)
+    costs = StepCosts(draft_step=0.002, verify={1: 0.010, 2: 0.011, 3: 0.012, 5: 0.014, 9: 0.018})
+    self_draft = ModelDrafter(OnnxLM(fp32_bundle.target, threads=1), 300)
+    ar, _ = run(target, None, [5, 6, 7], max_new_tokens=150)
+    stats = Stats("spec")
+    out = [t for c in decode(target, self_draft, [5, 6, 7], DecodeConfig(max_new_tokens=150, k=None), stats,
+                             costs) for t in c]
+    assert out == ar and stats.acceptance_rate == 1.0
+    ks = stats.k_chosen[:-2]  # the last rounds are cut by the token budget
+    assert max(ks) >= 6 and np.mean(ks[len(ks) // 2:]) > 2 * np.mean(ks[: len(ks) // 4]), ks
+    ar, _ = run(target, None, [5, 6, 7], max_new_tokens=60)
+
+    pricey = StepCosts(draft_step=0.009, verify={1: 0.010, 2: 0.019, 3: 0.028, 5: 0.046, 9: 0.082})
+    other = OnnxLM(fp32_bundle.draft, threads=1)
+    stats = Stats("spec")
+    out = [t for c in decode(target, ModelDrafter(other, 300), [5, 6, 7], DecodeConfig(max_new_tokens=60, k=None),
+                             stats, pricey) for t in c]
+    assert out == ar
+    assert stats.k_chosen.count(0) > len(stats.k_chosen) // 2   # mostly plain steps: drafting cannot pay

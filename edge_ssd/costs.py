@@ -1,0 +1,105 @@
+"""Step costs on this device: draft step, verify(r rows), plain decode (r = 1).
+
+Speculation only pays when E[tokens per round] / (K x draft_step + verify(K+1)) beats
+1 / decode(1), and on a CPU verify grows with K. So the costs are measured, not assumed:
+a short calibration at load (cached per bundle, provider and threads), then kept current
+by an exponential moving average of the steps that generation really runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .model import OnnxLM
+
+CAL_ROWS = (1, 2, 3, 5, 9)
+EMA = 0.1
+
+
+@dataclass
+class StepCosts:
+    draft_step: float                 # seconds per one-token draft forward
+    verify: dict = field(default_factory=dict)  # rows -> seconds per target forward
+
+    def verify_rows(self, rows: int) -> float:
+        """Target forward time for `rows` rows, interpolated linearly between measured points."""
+        if rows in self.verify:
+            return self.verify[rows]
+        xs = sorted(self.verify)
+        lo = max([x for x in xs if x < rows], default=xs[0])
+        hi = min([x for x in xs if x > rows], default=xs[-1])
+        if lo == hi:  # beyond the measured range: extend the last segment's slope
+            a, b = xs[-2], xs[-1]
+            slope = (self.verify[b] - self.verify[a]) / (b - a)
+            return self.verify[b] + slope * (rows - b)
+        w = (rows - lo) / (hi - lo)
+        return (1 - w) * self.verify[lo] + w * self.verify[hi]
+
+    def observe_verify(self, rows: int, seconds: float) -> None:
+        old = self.verify.get(rows)
+        self.verify[rows] = seconds if old is None else (1 - EMA) * old + EMA * seconds
+
+    def observe_draft(self, seconds: float) -> None:
+        self.draft_step = (1 - EMA) * self.draft_step + EMA * seconds
+
+    def to_json(self) -> dict:
+        return {"draft_step_s": self.draft_step, "verify_s": {str(k): v for k, v in sorted(self.verify.items())}}
+
+
+def _median_time(lm: OnnxLM, ids: list, reps: int) -> float:
+    base = lm.length
+    ts = []
+    for _ in range(reps):
+        lm.truncate(base)
+        t0 = time.perf_counter()
+        lm.forward(ids, keep=len(ids))
+        ts.append(time.perf_counter() - t0)
+    lm.truncate(base)
+    return float(np.median(ts))
+
+
+def calibrate(target: OnnxLM, draft: Optional[OnnxLM], context: int = 128, reps: int = 5) -> StepCosts:
+    """Time verify(r) for r in CAL_ROWS and one draft step on a `context`-token past."""
+    ids = (np.arange(context) % 1000 + 100).tolist()
+    costs = StepCosts(draft_step=0.0)
+    target.reset()
+    target.forward(ids[:context])
+    _median_time(target, ids[:1], 2)  # warm-up
+    for r in CAL_ROWS:
+        costs.verify[r] = _median_time(target, ids[:r], reps)
+    target.reset()
+    if draft is not None:
+        draft.reset()
+        draft.forward(ids[:context])
+        _median_time(draft, ids[:1], 2)
+        costs.draft_step = _median_time(draft, ids[:1], reps * 2)
+        draft.reset()
+    return costs
+
+
+def cached_calibration(key: dict, target: OnnxLM, draft: Optional[OnnxLM], cache_dir: Path) -> StepCosts:
+    """Calibrate once per (bundle, provider, threads, exact, machine); reuse afterwards."""
+    name = "costs-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json"
+    path = cache_dir / name
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return StepCosts(saved["draft_step_s"], {int(k): v for k, v in saved["verify_s"].items()})
+    except (OSError, ValueError, KeyError):
+        pass
+    costs = calibrate(target, draft)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, **costs.to_json()}))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return costs

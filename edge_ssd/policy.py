@@ -1,0 +1,117 @@
+"""How many tokens to draft: fixed K, or K chosen each round from measured costs and acceptance.
+
+Auto mode keeps two online estimates: the cost model (costs.py) and an acceptance model that
+maps the draft's confidence in a token (its top-1 probability when greedy, q(token) when
+sampling) to the chance that the target accepts it, learned per confidence bucket from what
+verification really accepts. A round drafts while one more token is expected to raise
+tokens-per-second:  E[j+1] / cost(j+1) > E[j] / cost(j),  with
+E[j] = 1 + sum_i prod_{l<=i} a(c_l)  and  cost(j) = j x draft_step + verify(j+1).
+That single rule is both the adaptive K and the confidence stop. A round whose first token is
+not expected to pay drafts nothing (K = 0: a plain target step), with an occasional probe so
+the estimates can recover when the text becomes predictable again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .costs import StepCosts
+
+BUCKETS = 10
+PRIOR = 4.0          # pseudo-observations per bucket, centred on the bucket's confidence
+DECAY = 0.98         # older rounds weigh less: acceptance drifts with the text
+PROBE_EVERY = 8      # after this many plain rounds, draft one round anyway
+
+
+class AcceptanceModel:
+    """P(target accepts a draft token | the draft's confidence in it), bucketed and decayed."""
+
+    def __init__(self) -> None:
+        centres = (np.arange(BUCKETS) + 0.5) / BUCKETS
+        self.hits = centres * PRIOR
+        self.seen = np.full(BUCKETS, PRIOR)
+
+    def _bucket(self, conf: float) -> int:
+        return min(BUCKETS - 1, max(0, int(conf * BUCKETS)))
+
+    def prob(self, conf: float) -> float:
+        b = self._bucket(conf)
+        return float(self.hits[b] / self.seen[b])
+
+    def observe(self, confs: list, n_accepted: int) -> None:
+        """Tokens up to and including the first rejected one were really tested."""
+        self.hits *= DECAY
+        self.seen *= DECAY
+        for i, c in enumerate(confs[: n_accepted + 1]):
+            b = self._bucket(c)
+            self.seen[b] += 1
+            self.hits[b] += float(i < n_accepted)
+
+    @property
+    def mean(self) -> float:
+        return float(self.hits.sum() / self.seen.sum())
+
+
+@dataclass
+class SpecPolicy:
+    """fixed_k set: always draft that many (within budget). Otherwise auto within [k_min, k_max]."""
+
+    costs: Optional[StepCosts] = None
+    fixed_k: Optional[int] = None
+    k_min: int = 0
+    k_max: int = 8
+
+    def __post_init__(self) -> None:
+        self.acceptance = AcceptanceModel()
+        self.first = AcceptanceModel()   # first token of a round: the K = 0 decision
+        self._plain_streak = 0
+        if self.fixed_k is None and self.costs is None:
+            raise ValueError("auto K needs step costs")
+
+    # -- per round -------------------------------------------------------------------------
+    def budget(self, room: int) -> int:
+        """Most tokens this round may draft."""
+        return max(0, min(self.fixed_k if self.fixed_k is not None else self.k_max, room))
+
+    def model_pays(self) -> bool:
+        """Is running the draft model this round expected to beat a plain target step?"""
+        if self.fixed_k is not None or self.k_min > 0:
+            return True
+        if self._plain_streak >= PROBE_EVERY:
+            self._plain_streak = 0
+            return True
+        c = self.costs
+        if (1 + self.first.mean) / (c.draft_step + c.verify_rows(2)) > 1 / c.verify_rows(1):
+            self._plain_streak = 0
+            return True
+        self._plain_streak += 1
+        return False
+
+    def model_rate(self) -> float:
+        """Expected tokens per second of a model-drafted round at the recent acceptance."""
+        c = self.costs
+        a = self.acceptance.mean
+        k = self.fixed_k or 4
+        return (1 + sum(a ** i for i in range(1, k + 1))) / (k * c.draft_step + c.verify_rows(k + 1))
+
+    def keep_drafting(self, confs: list) -> bool:
+        """After drafting len(confs) tokens: is drafting one more expected to pay?"""
+        j = len(confs)
+        if self.fixed_k is not None or j < max(1, self.k_min):
+            return True
+        c = self.costs
+        probs = [self.acceptance.prob(x) for x in confs]
+        cum = np.cumprod(probs)
+        e_now = 1 + cum.sum()
+        cost_now = j * c.draft_step + c.verify_rows(j + 1)
+        a_next = probs[-1]
+        e_next = e_now + cum[-1] * a_next
+        cost_next = cost_now + c.draft_step + c.verify_rows(j + 2) - c.verify_rows(j + 1)
+        return e_next / cost_next > e_now / cost_now
+
+    def observe(self, confs: list, n_accepted: int) -> None:
+        if confs:
+            self.acceptance.observe(confs, n_accepted)
+            self.first.observe(confs[:1], min(1, n_accepted))

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from .bundle import STAMP_CACHE, Bundle, load_bundle
 from .costs import StepCosts, cached_calibration
-from .decode import DecodeConfig, decode
+from .decode import K_LIMIT, DecodeConfig, decode
 from .drafters import AutoDrafter, Drafter, ModelDrafter, NgramDrafter
 from .errors import RequestError
+from .governor import Governor, Reading, read_memory
 from .model import OnnxLM
 from .providers import resolve
 from .sampling import SamplingParams
@@ -30,6 +31,7 @@ from .stats import Stats
 from .text import TextStream, Tokenizer, build_prompt
 
 MODES = ("ar", "spec")
+DEFAULT_CONTEXT = 4096
 DRAFTERS = ("model", "ngram", "auto")
 
 
@@ -39,10 +41,14 @@ class Result:
     token_ids: list
     stats: dict
     finish_reason: str = ""
+    error: str = ""      # set when the request ended early for a reason the caller should see
 
     def to_json(self) -> dict:
-        return {"text": self.text, "token_ids": self.token_ids, "stats": self.stats,
-                "finish_reason": self.finish_reason}
+        out = {"text": self.text, "token_ids": self.token_ids, "stats": self.stats,
+               "finish_reason": self.finish_reason}
+        if self.error:
+            out["error"] = self.error
+        return out
 
 
 @dataclass
@@ -62,11 +68,12 @@ class EngineOptions:
     strict_provider: bool = False
     threads: Optional[int] = None        # target; default: all cores
     draft_threads: Optional[int] = None  # default: same as target (sequential speculation)
-    max_context: Optional[int] = None
+    max_context: Optional[int] = None    # default: DEFAULT_CONTEXT, within the memory budget
     exact: bool = False
     verify: str = "auto"
     load_draft: bool = True
-    extra: dict = field(default_factory=dict)
+    memory_budget: "str | int | None" = None  # e.g. "1.5GiB", "60%"; default: 80% of available
+    memory_reader: Optional[Callable[[], Reading]] = None  # tests inject readings here
 
 
 class Engine:
@@ -76,16 +83,30 @@ class Engine:
         self.provider = resolve(options.provider, options.strict_provider)
         cores = os.cpu_count() or 1
         min_rows = 2 if options.exact else 1
-        ctx = options.max_context
+        self.governor = Governor(options.memory_budget, options.memory_reader or read_memory)
+        reader = self.governor.reader
         # Two sessions take turns on the same cores: a pool left spinning after its step would
         # steal the cores from the other model's step, so spinning is off when both are loaded.
-        spin = bundle.draft is None or not options.load_draft
-        self.target = OnnxLM(bundle.target, self.provider, options.threads or cores, ctx, spin=spin,
-                             min_rows=min_rows)
+        use_draft = bundle.draft is not None and options.load_draft
+        rss0 = reader().rss
+        self.target = OnnxLM(bundle.target, self.provider, options.threads or cores, spin=not use_draft,
+                             min_rows=min_rows, allocate=False)
+        rss1 = reader().rss
+        weights = {"target": max(rss1 - rss0, bundle.target.weight_bytes // 2)}
+        kv = {"target": bundle.target.kv_bytes_per_token}
         self.draft: Optional[OnnxLM] = None
-        if bundle.draft is not None and options.load_draft:
+        if use_draft:
             self.draft = OnnxLM(bundle.draft, self.provider, options.draft_threads or options.threads or cores,
-                                self.target.max_context, spin=spin)
+                                spin=False, allocate=False)
+            weights["draft"] = max(reader().rss - rss1, bundle.draft.weight_bytes // 2)
+            kv["draft"] = bundle.draft.kv_bytes_per_token
+        self.plan = self.governor.plan(weights, kv, bundle.target.vocab_size,
+                                       options.max_context or DEFAULT_CONTEXT, K_LIMIT, bundle.target.max_context)
+        if not self.plan.use_draft:
+            self._drop_draft()
+        self.target.allocate(self.plan.max_context)
+        if self.draft is not None:
+            self.draft.allocate(self.plan.max_context)
         self.tokenizer = Tokenizer(bundle.tokenizer_file, bundle.tokenizer)
         self._lock = threading.Lock()
         key = {"bundle": bundle.manifest["models"]["target"]["files"][-1]["sha256"],
@@ -102,6 +123,10 @@ class Engine:
     @property
     def max_context(self) -> int:
         return self.target.max_context
+
+    def _drop_draft(self) -> None:
+        """Free the draft model (weights and cache): plain target decoding from now on."""
+        self.draft = None
 
     def providers(self) -> dict:
         """What really runs each model (onnxruntime's own answer)."""
@@ -153,12 +178,15 @@ class Engine:
                                           max_new_tokens, temperature, top_p, top_k, seed)
         text = TextStream(self.tokenizer, stop)
         stream = Stream(iter(()))
+        handoff = [drafter]  # the decode loop takes the only reference: dropping the draft frees it
+        del drafter
 
         def pieces() -> Iterator[str]:
             stats = Stats(mode=mode)
             out: list = []
             with self._lock:
-                gen = decode(self.target, drafter, ids, cfg, stats, self.costs)
+                gen = decode(self.target, handoff.pop(), ids, cfg, stats, self.costs, self.governor,
+                             self._drop_draft)
                 try:
                     for new in gen:
                         out += new
@@ -173,7 +201,8 @@ class Engine:
             tail = text.finish()
             if tail:
                 yield tail
-            stream.result = Result(text.full_text, out, stats.to_json(), stats.finish_reason)
+            stream.result = Result(text.full_text, out, {**stats.to_json(), "memory": self.plan.to_json()},
+                                   stats.finish_reason, stats.error)
 
         stream._pieces = pieces()
         return stream

@@ -22,6 +22,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="plain steps compute like verification, so greedy spec == ar token for token")
     p.add_argument("--verify", default="auto", choices=["auto", "full", "size"],
                    help="bundle checksum policy (auto: hash files once per version)")
+    p.add_argument("--memory-budget", default=None,
+                   help="memory this process may use, e.g. 1.5GiB, 800MB, 60%% (default: 80%% of available)")
 
 
 def k_arg(text: str):
@@ -64,8 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--input", type=Path, help="JSONL batch: one request object a line")
     g.add_argument("--output", type=Path, help="JSONL results for --input (default: stdout)")
     g.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
-    i = sub.add_parser("info", help="providers, memory, and a bundle summary")
+    i = sub.add_parser("info", help="providers, memory, and a bundle summary (with --bundle: loads it)")
     i.add_argument("--bundle", default=None)
+    i.add_argument("--provider", default="auto", choices=["cpu", "cuda", "dml", "auto"])
+    i.add_argument("--memory-budget", default=None)
+    i.add_argument("--max-context", type=int, default=None)
     b = sub.add_parser("bench", help="side-by-side benchmark of decoding modes")
     _engine_args(b)
     b.add_argument("--prompts", type=Path, required=True, help="JSONL with `prompt`, or Spec-Bench `turns`")
@@ -83,7 +88,7 @@ def _engine(args):
 
     return Engine.load(args.bundle, provider=args.provider, strict_provider=args.strict_provider,
                        threads=args.threads, draft_threads=args.draft_threads, max_context=args.max_context,
-                       exact=args.exact, verify=args.verify)
+                       exact=args.exact, verify=args.verify, memory_budget=args.memory_budget)
 
 
 def _gen_kwargs(args, overrides: Optional[dict] = None) -> dict:
@@ -113,12 +118,17 @@ def cmd_generate(args) -> int:
     if args.json:
         res = engine.generate(args.prompt, messages=messages, **kw)
         print(json.dumps(res.to_json()))
-        return 0
+        if res.error:
+            print(f"error: {res.error}", file=sys.stderr)
+        return 1 if res.error else 0
     stream = engine.stream(args.prompt, messages=messages, **kw)
     for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if stream.result.error:
+        print(f"error: {stream.result.error}", file=sys.stderr)
+        return 1
     s = stream.result.stats
     print(f"[{s['mode']}] {s['new_tokens']} tokens, {s['tokens_per_s']:.2f} tok/s, "
           f"acceptance {s['acceptance_rate']:.2f}, mean accepted {s['mean_accepted_len']:.2f}, "
@@ -170,10 +180,13 @@ def cmd_info(args) -> int:
     info = {"onnxruntime": ort.__version__, "providers": available(), "cpu_count": psutil.cpu_count(),
             "memory_total": fmt_bytes(vm.total), "memory_available": fmt_bytes(vm.available)}
     if args.bundle:
-        from .bundle import load_bundle
+        from .api import Engine
 
-        b = load_bundle(args.bundle)
-        info["bundle"] = {"path": str(b.path), "name": b.name}
+        engine = Engine.load(args.bundle, provider=args.provider, memory_budget=args.memory_budget,
+                             max_context=args.max_context)
+        b = engine.bundle
+        info["bundle"] = {"path": str(b.path), "name": b.name, "providers": engine.providers(),
+                          "memory_plan": engine.plan.to_json(), "step_costs": engine.costs.to_json()}
         for m in (b.target, b.draft):
             if m is not None:
                 info["bundle"][m.role] = {

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 from .costs import StepCosts
 from .drafters import Drafter
 from .errors import RequestError
+from .governor import Governor
 from .model import OnnxLM
 from .policy import SpecPolicy
 from .sampling import SamplingParams, accept_greedy, accept_sampled, pick
@@ -59,11 +60,13 @@ def _clip(new: list, eos: frozenset, budget: int) -> tuple:
 
 
 def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: DecodeConfig,
-           stats: Stats, costs: Optional[StepCosts] = None) -> Iterator[list]:
+           stats: Stats, costs: Optional[StepCosts] = None, governor: Optional[Governor] = None,
+           on_drop_draft: Callable[[], None] = lambda: None) -> Iterator[list]:
     """Yield each round's committed new tokens; fill `stats` as it goes.
 
     drafter None is plain target decoding: the `ar` baseline. costs (shared across requests)
-    are needed for auto K and are kept current with the steps this request runs.
+    are needed for auto K and are kept current with the steps this request runs. The governor,
+    asked between rounds, can cap K, drop the draft (on_drop_draft frees it) or end the request.
     """
     if not prompt:
         raise RequestError("the prompt is empty")
@@ -99,6 +102,21 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
                 stats.finish_reason = "context"
                 return
             k = policy.budget(min(room, cfg.max_new_tokens - produced - 1)) if policy else 0
+            if governor is not None:
+                act = governor.check(k, drafter is not None)
+                if act != "ok":
+                    stats.memory_events.append(act)
+                if act == "abort":
+                    stats.finish_reason, stats.error = "memory", governor.abort_message()
+                    return
+                if act == "drop_draft":
+                    for d in (drafter, getattr(drafter, "model", None)):
+                        if hasattr(d, "release"):
+                            d.release()
+                    drafter = policy = None
+                    on_drop_draft()
+                    k = 0
+                k = min(k, governor.k_cap or k)
             t0 = time.perf_counter()
             prop = drafter.propose(seq, k, sp, rng, policy) if k > 0 else None
             t1 = time.perf_counter()

@@ -103,6 +103,10 @@ class ModelDrafter:
     def commit(self, n_valid: int) -> None:
         self.lm.truncate(n_valid)
 
+    def release(self) -> None:
+        """Let go of the draft model (the governor dropped it under memory pressure)."""
+        self.lm = None
+
 
 class NgramDrafter:
     """Prompt lookup: continue the most recent earlier occurrence of the sequence's last n tokens."""

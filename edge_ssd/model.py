@@ -37,7 +37,7 @@ class OnnxLM:
 
     def __init__(self, entry: ModelEntry, provider: str = "cpu", threads: int = 2,
                  max_context: Optional[int] = None, spin: bool = True, max_keep: int = 17,
-                 min_rows: int = 1):
+                 min_rows: int = 1, allocate: bool = True):
         self.entry = entry
         # Quantized MatMul kernels compute a lone row differently from a row among several
         # (measured: up to 0.22 logit on the int4 target), while any M >= 2 gives bit-identical
@@ -53,22 +53,39 @@ class OnnxLM:
             raise BundleError(f"onnxruntime could not load {entry.graph}: {e}") from e
         self.provider = provider
         self.providers_used = self.session.get_providers()
-        device = DEVICE_OF[provider] if self.providers_used[0] == PROVIDERS[provider] else "cpu"
-        dtype = np.float16 if entry.kv_dtype == "float16" else np.float32
-        shape = [1, entry.num_kv_heads, self.max_context, entry.head_dim]
+        self.device = DEVICE_OF[provider] if self.providers_used[0] == PROVIDERS[provider] else "cpu"
         self.io = self.session.io_binding()
-        self.kv = []
-        for i in range(entry.num_layers):
-            for kind in ("key", "value"):
-                buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
-                self.io.bind_ortvalue_input(entry.io["inputs"][f"past_{kind}"].format(i=i), buf)
-                self.io.bind_ortvalue_output(entry.io["outputs"][f"present_{kind}"].format(i=i), buf)
-                self.kv.append(buf)
+        self.kv: list = []
+        if allocate:
+            self.allocate(self.max_context)
         self.vocab = entry.vocab_size
         self.logits = np.empty((1, max_keep, self.vocab), np.float32)
         self.length = 0
         self.calls = 0
         self.seconds = 0.0
+
+    def allocate(self, max_context: int) -> None:
+        """(Re)allocate the static KV buffers for `max_context` tokens and bind them.
+
+        Separate from loading so that the memory governor can size the cache after measuring
+        what the weights really take.
+        """
+        entry = self.entry
+        self.max_context = min(entry.max_context, max_context)
+        self.kv = []  # drop the old buffers before allocating new ones
+        dtype = np.float16 if entry.kv_dtype == "float16" else np.float32
+        shape = [1, entry.num_kv_heads, self.max_context, entry.head_dim]
+        for i in range(entry.num_layers):
+            for kind in ("key", "value"):
+                buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, 0)
+                self.io.bind_ortvalue_input(entry.io["inputs"][f"past_{kind}"].format(i=i), buf)
+                self.io.bind_ortvalue_output(entry.io["outputs"][f"present_{kind}"].format(i=i), buf)
+                self.kv.append(buf)
+        self.length = 0
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.max_context * self.entry.kv_bytes_per_token
 
     def forward(self, ids: Sequence[int], keep: int = 1) -> np.ndarray:
         """Feed ids after the cached prefix; return float32 logits [keep, vocab] of the last positions.

@@ -288,7 +288,7 @@ class Gate:
         self.max_running, self.max_total = running, running + waiting
         self.admitted = 0   # running + waiting
         self.running = 0
-        self._sem = asyncio.Semaphore(running)
+        self._sem: Optional[asyncio.Semaphore] = None  # made in the serving loop (Python 3.9 binds at creation)
 
     @property
     def waiting(self) -> int:
@@ -307,6 +307,8 @@ class Gate:
         """Wait for a running slot; False (and no slot) if the client went away first."""
         if gone.is_set():
             return False
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.max_running)
         if not self._sem.locked():
             await self._sem.acquire()  # a free slot: no wait
         else:
@@ -814,6 +816,11 @@ def build_app(engine, options: Optional[ServeOptions] = None):
             except APIError as e:
                 srv.metrics.requests[(fn.__name__, e.status)] += 1
                 return api_error(e)
+            except Exception as e:  # noqa: BLE001 - a bug, not the client's fault: log it, answer 500
+                log.error("%s failed", fn.__name__, exc_info=(type(e), e, e.__traceback__))
+                srv.metrics.requests[(fn.__name__, 500)] += 1
+                return api_error(APIError(500, f"internal error: {type(e).__name__}", type_="server_error",
+                                          code="internal_error"))
         return wrapper
 
     @handles_errors

@@ -23,6 +23,8 @@ class Stats:
     verify_s: float = 0.0      # target forward time after prefill (plain decode steps included)
     total_s: float = 0.0
     finish_reason: str = ""
+    error: str = ""
+    memory_events: list = field(default_factory=list)
 
     def record_round(self, k: int, n: int, source: str = "") -> None:
         self.rounds += 1
@@ -76,5 +78,6 @@ class Stats:
             "verify_s": round(self.verify_s, 4),
             "overhead_s": round(max(0.0, self.decode_s - self.draft_s - self.verify_s), 4),
             "finish_reason": self.finish_reason,
+            "memory_events": self.memory_events,
             "peak_rss_bytes": peak_rss_bytes(),
         }

@@ -1,0 +1,136 @@
+"""The memory governor: keep the pair inside the memory this device really has.
+
+At load it measures what each model's weights take once ONNX Runtime holds them (the RSS
+growth while the session is created: arenas and prepacked weights included), then sizes the
+static KV caches and the K ceiling to the budget:
+
+    budget >= weights(target) + weights(draft) + context x (kv/token target + kv/token draft)
+              + (K_max + 1) x vocab x 4 B x 3 (logits and probability rows) + margin
+
+and refuses, with a suggestion, when even the minimum context does not fit. Between rounds it
+re-reads available memory: under pressure it lowers K, then drops the draft (plain target
+decoding; the draft's weights and cache are freed), and as a last resort ends the request with
+the text so far and an error, before the operating system would kill the process.
+
+Readings come from `psutil` through one function that tests replace, so every branch can be
+driven without starving the machine.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import psutil
+
+from .errors import MemoryBudgetError
+from .progress import fmt_bytes
+
+MiB = 1 << 20
+MIN_CONTEXT = 256
+DEFAULT_SHARE = 0.8         # default budget: this share of the memory available at load
+MARGIN = 64 * MiB           # never plan to the last byte: allocator slack, Python, tokenizer
+
+
+@dataclass(frozen=True)
+class Reading:
+    available: int   # system memory available to new allocations (psutil)
+    rss: int         # this process's resident set
+
+
+def read_memory() -> Reading:
+    return Reading(psutil.virtual_memory().available, psutil.Process().memory_info().rss)
+
+
+def parse_size(text: "str | int | None", available: int) -> Optional[int]:
+    """'1.5GiB', '800MB', '2G', '60%' (of available memory), or bytes -> bytes."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|[KMGT]i?B?|B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise MemoryBudgetError(f"cannot read memory size {text!r} (try 1.5GiB, 800MB or 60%)")
+    value, unit = float(m.group(1)), (m.group(2) or "B").upper()
+    if unit == "%":
+        if not 0 < value <= 100:
+            raise MemoryBudgetError(f"memory budget share must be in (0, 100]%, got {text!r}")
+        return int(available * value / 100)
+    power = "BKMGT".index(unit[0])
+    base = 1024 if "I" in unit or len(unit) == 1 else 1000
+    return int(value * base ** power)
+
+
+@dataclass
+class Plan:
+    budget: int
+    weights: dict          # role -> measured bytes
+    max_context: int
+    k_max: int
+    use_draft: bool
+    note: str = ""
+
+    def to_json(self) -> dict:
+        return {"budget_bytes": self.budget, "weights_bytes": self.weights, "max_context": self.max_context,
+                "k_max": self.k_max, "use_draft": self.use_draft, "note": self.note}
+
+
+class Governor:
+    def __init__(self, budget: "str | int | None" = None, reader: Callable[[], Reading] = read_memory,
+                 margin: int = MARGIN):
+        self.reader = reader
+        first = reader()
+        self.base_rss = first.rss
+        self.budget = parse_size(budget, first.available) if budget is not None else \
+            int(first.rss + DEFAULT_SHARE * first.available)
+        self.margin = margin
+        self.k_cap: Optional[int] = None      # lowered under pressure
+        self.events: list = []
+
+    # -- load -------------------------------------------------------------------------------
+    def plan(self, weights: dict, kv_per_token: dict, vocab: int, want_context: int, want_k: int,
+             model_max_context: int) -> Plan:
+        """Largest context (and K) that fit; drop the draft if only the target fits; else refuse."""
+        fixed = self.base_rss + self.margin
+        logits = lambda k: (k + 1) * vocab * 4 * 3  # noqa: E731
+        for use_draft in ((True, False) if "draft" in weights else (False,)):
+            roles = ["target"] + (["draft"] if use_draft else [])
+            w = sum(weights[r] for r in roles)
+            per_tok = sum(kv_per_token[r] for r in roles)
+            k = want_k if use_draft else 0
+            free = self.budget - fixed - w - logits(k)
+            ctx = min(want_context, model_max_context, free // per_tok if free > 0 else 0)
+            if ctx >= min(MIN_CONTEXT, want_context):
+                note = "" if use_draft or "draft" not in weights else \
+                    "the draft does not fit the budget: plain target decoding"
+                return Plan(self.budget, {r: weights[r] for r in roles}, int(ctx), k, use_draft, note)
+        need = fixed + weights["target"] + logits(0) + MIN_CONTEXT * kv_per_token["target"]
+        raise MemoryBudgetError(
+            f"the target alone needs about {fmt_bytes(need)} (weights {fmt_bytes(weights['target'])}, "
+            f"a {MIN_CONTEXT}-token cache, margin) but the memory budget is {fmt_bytes(self.budget)}; "
+            "try a smaller quantization (int4), a shorter --max-context, a larger --memory-budget, "
+            "or free memory on this device"
+        )
+
+    # -- between rounds -----------------------------------------------------------------------
+    def check(self, k: int, have_draft: bool) -> str:
+        """'ok', 'lower_k', 'drop_draft' or 'abort', from a fresh reading."""
+        r = self.reader()
+        over = r.rss > self.budget
+        low = r.available < 2 * self.margin
+        critical = r.available < self.margin // 2
+        if not (over or low):
+            return "ok"
+        if have_draft and not critical and k > 1 and (self.k_cap is None or self.k_cap > 1):
+            self.k_cap = max(1, k // 2)
+            return self._event("lower_k", r)
+        if have_draft:
+            return self._event("drop_draft", r)
+        return self._event("abort", r) if (over or critical) else "ok"
+
+    def _event(self, what: str, r: Reading) -> str:
+        self.events.append({"action": what, "available": r.available, "rss": r.rss, "k_cap": self.k_cap})
+        return what
+
+    def abort_message(self) -> str:
+        r = self.reader()
+        return (f"memory pressure: process RSS {fmt_bytes(r.rss)} against a budget of {fmt_bytes(self.budget)}, "
+                f"{fmt_bytes(r.available)} available; stopped early with the text so far")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -21,7 +22,7 @@ from typing import Callable, Iterator, Optional, Sequence
 from .bundle import STAMP_CACHE, Bundle, load_bundle
 from .costs import StepCosts, cached_calibration
 from .decode import K_LIMIT, DecodeConfig, decode
-from .drafters import AutoDrafter, Drafter, ModelDrafter, NgramDrafter
+from .drafters import AutoDrafter, Drafter, ModelDrafter, NgramDrafter, ParallelDrafter
 from .errors import RequestError
 from .governor import Governor, Reading, read_memory
 from .model import OnnxLM
@@ -30,7 +31,7 @@ from .sampling import SamplingParams
 from .stats import Stats
 from .text import TextStream, Tokenizer, build_prompt
 
-MODES = ("ar", "spec")
+MODES = ("ar", "spec", "parallel")
 DEFAULT_CONTEXT = 4096
 DRAFTERS = ("model", "ngram", "auto")
 
@@ -109,6 +110,7 @@ class Engine:
             self.draft.allocate(self.plan.max_context)
         self.tokenizer = Tokenizer(bundle.tokenizer_file, bundle.tokenizer)
         self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-ssd-draft")
         key = {"bundle": bundle.manifest["models"]["target"]["files"][-1]["sha256"],
                "draft": (bundle.manifest["models"].get("draft") or {}).get("files", [{}])[-1].get("sha256"),
                "provider": self.provider, "threads": [options.threads, options.draft_threads, cores],
@@ -143,6 +145,10 @@ class Engine:
         if mode == "ar":
             return None
         model = ModelDrafter(self.draft, self.target.entry.vocab_size) if self.draft else None
+        if mode == "parallel":
+            if model is None:
+                raise RequestError("mode parallel needs a draft model, and this bundle (or engine) has none")
+            model = ParallelDrafter(model, self._pool)
         if drafter == "model":
             if model is None:
                 raise RequestError("drafter 'model' needs a draft model, and this bundle (or engine) has none")
@@ -170,7 +176,8 @@ class Engine:
                top_k: int = 0, seed: Optional[int] = None, stop: Sequence[str] = ()) -> Stream:
         """Start a request; iterate the returned Stream for text. Parameters are checked here.
 
-        mode: "spec" (speculative) or "ar" (target alone). drafter: "model", "ngram" (prompt
+        mode: "spec" (speculative), "parallel" (speculative, drafting the next round while the
+        target verifies) or "ar" (target alone). drafter: "model", "ngram" (prompt
         lookup) or "auto" (per round, whichever is expected to pay). k: tokens drafted per
         round, or "auto" to choose per round from measured costs within [k_min, k_max].
         """

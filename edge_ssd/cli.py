@@ -36,7 +36,8 @@ def k_arg(text: str):
 
 
 def _gen_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", default="spec", choices=["ar", "spec"])
+    p.add_argument("--mode", default="spec", choices=["ar", "spec", "parallel"],
+                   help="ar: target alone; spec: speculative; parallel: draft while the target verifies")
     p.add_argument("--drafter", default="auto", choices=["model", "ngram", "auto"],
                    help="draft model, prompt lookup, or per round whichever pays (default)")
     p.add_argument("--k", type=k_arg, default="auto", help="draft tokens per round, or auto (default)")

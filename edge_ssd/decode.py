@@ -130,6 +130,8 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
                 stats.record_round(0, 0)
                 continue
             k = len(prop.tokens)
+            if hasattr(drafter, "overlap"):  # parallel mode: draft the next round meanwhile
+                drafter.overlap(seq, prop, sp, policy.budget(room - k))
             logits = target.forward([seq[-1]] + prop.tokens, keep=k + 1)
             if sp.greedy:
                 n, bonus = accept_greedy(logits, prop.tokens)
@@ -146,6 +148,9 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
             stats.record_round(k, n, prop.source)
             new = prop.tokens[:n] + [bonus]
     finally:
+        for d in (drafter, getattr(drafter, "model", None)):
+            if hasattr(d, "parallel_stats"):
+                stats.parallel = d.parallel_stats()
         stats.new_tokens = produced
         t_end = time.perf_counter()
         stats.decode_s = t_end - t_first

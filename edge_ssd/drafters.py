@@ -9,10 +9,13 @@ as a point mass. `commit(n)` tells it that only the first n tokens of what it sa
   the text so far; what followed them is proposed. Costs microseconds and wins on
   input-grounded text (summaries, RAG, code edits, extraction).
 * AutoDrafter: per round, the proposal with the better expected payoff.
+* ParallelDrafter: wraps a ModelDrafter and drafts the next round while the target verifies.
 """
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
@@ -188,6 +191,10 @@ class AutoDrafter:
         self._last = prop
         return prop
 
+    def overlap(self, seq: list, prop: Proposal, sp: SamplingParams, depth: int) -> None:
+        if hasattr(self.model, "overlap"):
+            self.model.overlap(seq, prop, sp, depth)
+
     def commit(self, n_valid: int) -> None:
         if self.model is not None:
             self.model.commit(n_valid)
@@ -196,3 +203,95 @@ class AutoDrafter:
             self.hits = 0.95 * self.hits + n
             self.tested = 0.95 * self.tested + min(len(prop.tokens), n + 1)
         self._last = None
+
+
+class ParallelDrafter:
+    """Draft while the target verifies (PEARL's post-verify; the idea behind "SSD").
+
+    While the target checks round T, a background thread assumes every proposal will be
+    accepted and keeps drafting from the last one: first a guess of the target's bonus token,
+    then the tokens after it. If the round is fully accepted and the bonus equals the guess,
+    round T+1's proposal is already there: no drafting latency. Otherwise the guess is dropped
+    and the draft cache rolled back, as after any partial accept. Greedy only: under sampling
+    the wrapped drafter runs sequentially (a pre-drawn sample would need its q kept per
+    outcome; not implemented).
+    """
+
+    def __init__(self, model: ModelDrafter, pool: ThreadPoolExecutor):
+        self.model = model
+        self.pool = pool  # one worker, owned by the engine
+        self.halt = threading.Event()
+        self.future: Optional[Future] = None
+        self.guess: list = []       # [bonus guess, e1, e2, ...]
+        self.guess_conf: list = []
+        self.after = -1             # len(seq) + K of the round the guess continues
+        self.hits = self.misses = 0
+        self.hidden_s = 0.0
+
+    def start(self, prompt: list) -> None:
+        self._join()
+        self.guess, self.after = [], -1
+        self.model.start(prompt)
+
+    def _join(self) -> None:
+        if self.future is not None:
+            self.halt.set()
+            self.hidden_s += self.future.result()
+            self.future = None
+
+    def _run_ahead(self, last: int, depth: int, vmax: int) -> float:
+        t0 = time.perf_counter()
+        lm, tok = self.model.lm, last
+        for _ in range(depth + 1):
+            if self.halt.is_set():
+                break
+            logits = lm.forward([tok])[0]
+            tok = int(np.argmax(logits[:vmax]))
+            self.guess.append(tok)
+            self.guess_conf.append(_top1_prob(logits[:vmax], tok))
+        return time.perf_counter() - t0
+
+    def overlap(self, seq: list, prop: Proposal, sp: SamplingParams, depth: int) -> None:
+        """Called just before the target verifies `prop`: start drafting the next round."""
+        self.guess, self.guess_conf, self.after = [], [], -1
+        if not sp.greedy or not prop.tokens or prop.source != "model" or depth <= 0:
+            return
+        self.after = len(seq) + len(prop.tokens)
+        self.halt.clear()
+        self.future = self.pool.submit(self._run_ahead, prop.tokens[-1], depth, self.model.target_vocab)
+
+    def propose(self, seq: list, k: int, sp: SamplingParams, rng: np.random.Generator,
+                policy: SpecPolicy) -> Proposal:
+        self._join()
+        g = self.guess
+        if len(seq) == self.after + 1 and len(g) > 1 and seq[-1] == g[0] and k > 0:
+            self.hits += 1
+            tokens = g[1:1 + k]
+            self.model.lm.truncate(len(seq) + len(tokens) - 1)
+            self.guess, self.after = [], -1
+            return Proposal(tokens, None, self.guess_conf[1:1 + k], "model")
+        if self.after >= 0:
+            self.misses += 1
+        self.guess, self.after = [], -1
+        return self.model.propose(seq, k, sp, rng, policy)
+
+    def commit(self, n_valid: int) -> None:
+        self.halt.set()
+        self._join()
+        if n_valid == self.after:  # all accepted: the guess may still hit; checked at propose
+            return
+        self.guess, self.after = [], -1
+        self.model.commit(n_valid)
+
+    def release(self) -> None:
+        self._join()
+        self.model.release()
+
+    def parallel_stats(self) -> dict:
+        self._join()
+        return {"hits": self.hits, "misses": self.misses, "hidden_s": round(self.hidden_s, 4),
+                "hit_rate": round(self.hits / max(1, self.hits + self.misses), 4)}
+
+    @property
+    def target_vocab(self) -> int:
+        return self.model.target_vocab

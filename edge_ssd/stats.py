@@ -25,6 +25,7 @@ class Stats:
     finish_reason: str = ""
     error: str = ""
     memory_events: list = field(default_factory=list)
+    parallel: dict = field(default_factory=dict)   # parallel mode: hits, misses, time hidden
 
     def record_round(self, k: int, n: int, source: str = "") -> None:
         self.rounds += 1
@@ -79,5 +80,6 @@ class Stats:
             "overhead_s": round(max(0.0, self.decode_s - self.draft_s - self.verify_s), 4),
             "finish_reason": self.finish_reason,
             "memory_events": self.memory_events,
+            "parallel": self.parallel,
             "peak_rss_bytes": peak_rss_bytes(),
         }

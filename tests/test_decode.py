@@ -161,3 +161,23 @@ def test_auto_k_adapts_to_acceptance(fp32_bundle):
                              stats, pricey) for t in c]
     assert out == ar
     assert stats.k_chosen.count(0) > len(stats.k_chosen) // 2   # mostly plain steps: drafting cannot pay
+
+
+def test_parallel_mode_is_lossless_and_hits(fp32_bundle):
+    """Drafting the next round during verification changes nothing in the output."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edge_ssd.drafters import ParallelDrafter
+
+    target = OnnxLM(fp32_bundle.target, threads=1)
+    pool = ThreadPoolExecutor(1)
+    for draft_entry, expect_hits in ((fp32_bundle.target, True), (fp32_bundle.draft, False)):
+        par = ParallelDrafter(ModelDrafter(OnnxLM(draft_entry, threads=1), 300), pool)
+        for prompt in PROMPTS[:6]:
+            ar, _ = run(target, None, prompt, max_new_tokens=40)
+            for k in (1, 3, 5):
+                spec, st = run(target, par, prompt, max_new_tokens=40, k=k)
+                assert spec == ar, (k, prompt)
+        if expect_hits:  # a perfect draft: every round fully accepted, guesses right when the background thread got ahead in time
+            assert par.hits > 5 and st.parallel["hits"] > 0
+    pool.shutdown()

@@ -211,10 +211,10 @@ class ParallelDrafter:
     While the target checks round T, a background thread assumes every proposal will be
     accepted and keeps drafting from the last one: first a guess of the target's bonus token,
     then the tokens after it. If the round is fully accepted and the bonus equals the guess,
-    round T+1's proposal is already there: no drafting latency. Otherwise the guess is dropped
-    and the draft cache rolled back, as after any partial accept. Greedy only: under sampling
-    the wrapped drafter runs sequentially (a pre-drawn sample would need its q kept per
-    outcome; not implemented).
+    round T+1's proposal is (being) drafted already: its drafting hid behind verification.
+    Otherwise the guess is dropped and the draft cache rolled back, as after any partial
+    accept. Greedy only: under sampling the wrapped drafter runs sequentially (a pre-drawn
+    sample would need its q kept per outcome; not implemented).
     """
 
     def __init__(self, model: ModelDrafter, pool: ThreadPoolExecutor):
@@ -222,6 +222,7 @@ class ParallelDrafter:
         self.pool = pool  # one worker, owned by the engine
         self.halt = threading.Event()
         self.future: Optional[Future] = None
+        self.bonus: Optional[int] = None  # the target's real bonus token, once known
         self.guess: list = []       # [bonus guess, e1, e2, ...]
         self.guess_conf: list = []
         self.after = -1             # len(seq) + K of the round the guess continues
@@ -229,66 +230,71 @@ class ParallelDrafter:
         self.hidden_s = 0.0
 
     def start(self, prompt: list) -> None:
-        self._join()
-        self.guess, self.after = [], -1
+        self._stop()
         self.model.start(prompt)
 
     def _join(self) -> None:
         if self.future is not None:
-            self.halt.set()
             self.hidden_s += self.future.result()
             self.future = None
+
+    def _stop(self) -> None:
+        self.halt.set()
+        self._join()
+        self.guess, self.after = [], -1
 
     def _run_ahead(self, last: int, depth: int, vmax: int) -> float:
         t0 = time.perf_counter()
         lm, tok = self.model.lm, last
         for _ in range(depth + 1):
-            if self.halt.is_set():
-                break
             logits = lm.forward([tok])[0]
             tok = int(np.argmax(logits[:vmax]))
             self.guess.append(tok)
             self.guess_conf.append(_top1_prob(logits[:vmax], tok))
+            if self.halt.is_set() or (self.bonus is not None and self.guess[0] != self.bonus):
+                break
         return time.perf_counter() - t0
 
     def overlap(self, seq: list, prop: Proposal, sp: SamplingParams, depth: int) -> None:
         """Called just before the target verifies `prop`: start drafting the next round."""
-        self.guess, self.guess_conf, self.after = [], [], -1
+        self._stop()
         if not sp.greedy or not prop.tokens or prop.source != "model" or depth <= 0:
             return
-        self.after = len(seq) + len(prop.tokens)
+        self.guess_conf, self.bonus, self.after = [], None, len(seq) + len(prop.tokens)
         self.halt.clear()
         self.future = self.pool.submit(self._run_ahead, prop.tokens[-1], depth, self.model.target_vocab)
 
     def propose(self, seq: list, k: int, sp: SamplingParams, rng: np.random.Generator,
                 policy: SpecPolicy) -> Proposal:
-        self._join()
+        if self.future is not None and len(seq) == self.after + 1:
+            self.bonus = seq[-1]   # lets the worker stop at once on a wrong guess
+            self._join()
         g = self.guess
         if len(seq) == self.after + 1 and len(g) > 1 and seq[-1] == g[0] and k > 0:
             self.hits += 1
             tokens = g[1:1 + k]
             self.model.lm.truncate(len(seq) + len(tokens) - 1)
+            conf = self.guess_conf[1:1 + k]
             self.guess, self.after = [], -1
-            return Proposal(tokens, None, self.guess_conf[1:1 + k], "model")
-        if self.after >= 0:
+            return Proposal(tokens, None, conf, "model")
+        if self.after >= 0:  # the guess missed: keep only the accepted proposals in the cache
             self.misses += 1
-        self.guess, self.after = [], -1
+            self._stop()
+            self.model.lm.truncate(len(seq) - 1)
         return self.model.propose(seq, k, sp, rng, policy)
 
     def commit(self, n_valid: int) -> None:
-        self.halt.set()
-        self._join()
-        if n_valid == self.after:  # all accepted: the guess may still hit; checked at propose
+        if n_valid == self.after:  # all accepted: the guess may hit; the worker keeps going
             return
-        self.guess, self.after = [], -1
+        self._stop()
         self.model.commit(n_valid)
 
     def release(self) -> None:
-        self._join()
+        self._stop()
         self.model.release()
 
     def parallel_stats(self) -> dict:
-        self._join()
+        self._stop()
         return {"hits": self.hits, "misses": self.misses, "hidden_s": round(self.hidden_s, 4),
                 "hit_rate": round(self.hits / max(1, self.hits + self.misses), 4)}
 

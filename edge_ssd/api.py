@@ -69,6 +69,7 @@ class EngineOptions:
     strict_provider: bool = False
     threads: Optional[int] = None        # target; default: all cores
     draft_threads: Optional[int] = None  # default: same as target (sequential speculation)
+    draft_provider: Optional[str] = None  # default: same as target; e.g. cpu beside a cuda target
     max_context: Optional[int] = None    # default: DEFAULT_CONTEXT, within the memory budget
     exact: bool = False
     verify: str = "auto"
@@ -97,7 +98,9 @@ class Engine:
         kv = {"target": bundle.target.kv_bytes_per_token}
         self.draft: Optional[OnnxLM] = None
         if use_draft:
-            self.draft = OnnxLM(bundle.draft, self.provider, options.draft_threads or options.threads or cores,
+            draft_provider = resolve(options.draft_provider, options.strict_provider) \
+                if options.draft_provider else self.provider
+            self.draft = OnnxLM(bundle.draft, draft_provider, options.draft_threads or options.threads or cores,
                                 spin=False, allocate=False)
             weights["draft"] = max(reader().rss - rss1, bundle.draft.weight_bytes // 2)
             kv["draft"] = bundle.draft.kv_bytes_per_token

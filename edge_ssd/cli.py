@@ -17,6 +17,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict-provider", action="store_true", help="fail instead of falling back to cpu")
     p.add_argument("--threads", type=int, default=None, help="target threads (default: all cores)")
     p.add_argument("--draft-threads", type=int, default=None, help="draft threads (default: as target)")
+    p.add_argument("--draft-provider", default=None, choices=["cpu", "cuda", "dml", "auto"],
+                   help="run the draft elsewhere, e.g. cpu while the target runs on cuda (default: as target)")
     p.add_argument("--max-context", type=int, default=None, help="KV cache length (default: the bundle's)")
     p.add_argument("--exact", action="store_true",
                    help="plain steps compute like verification, so greedy spec == ar token for token")
@@ -81,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated; each MODE[/key=value...], e.g. ar,spec,spec/k=4,spec/drafter=ngram")
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--json", type=Path, default=None, help="write all results here")
+    from .server import add_serve_parser  # imports no starlette/uvicorn: serve() loads them
+
+    add_serve_parser(sub)
     return ap
 
 
@@ -89,6 +94,7 @@ def _engine(args):
 
     return Engine.load(args.bundle, provider=args.provider, strict_provider=args.strict_provider,
                        threads=args.threads, draft_threads=args.draft_threads, max_context=args.max_context,
+                       draft_provider=args.draft_provider,
                        exact=args.exact, verify=args.verify, memory_budget=args.memory_budget)
 
 
@@ -218,6 +224,10 @@ def main(argv: Optional[list] = None) -> int:
             from .bench import run_bench
 
             return run_bench(args, _engine(args))
+        if args.cmd == "serve":
+            from .server import serve
+
+            return serve(args)
     except EdgeSSDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

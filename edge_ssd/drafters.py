@@ -272,9 +272,12 @@ class ParallelDrafter:
         g = self.guess
         if len(seq) == self.after + 1 and len(g) > 1 and seq[-1] == g[0] and k > 0:
             self.hits += 1
-            tokens = g[1:1 + k]
-            self.model.lm.truncate(len(seq) + len(tokens) - 1)
             conf = self.guess_conf[1:1 + k]
+            n = 1
+            while n < len(conf) and policy.keep_drafting(conf[:n]):  # the same confidence stop
+                n += 1
+            tokens, conf = g[1:1 + n], conf[:n]
+            self.model.lm.truncate(len(seq) + len(tokens) - 1)
             self.guess, self.after = [], -1
             return Proposal(tokens, None, conf, "model")
         if self.after >= 0:  # the guess missed: keep only the accepted proposals in the cache

@@ -6,9 +6,10 @@ sampling) to the chance that the target accepts it, learned per confidence bucke
 verification really accepts. A round drafts while one more token is expected to raise
 tokens-per-second:  E[j+1] / cost(j+1) > E[j] / cost(j),  with
 E[j] = 1 + sum_i prod_{l<=i} a(c_l)  and  cost(j) = j x draft_step + verify(j+1).
-That single rule is both the adaptive K and the confidence stop. A round whose first token is
-not expected to pay drafts nothing (K = 0: a plain target step), with an occasional probe so
-the estimates can recover when the text becomes predictable again.
+That single rule is both the adaptive K and the confidence stop. When even the best K at the
+recent per-token acceptance is not expected to beat a plain step, the round drafts nothing
+(K = 0: a plain target step), with an occasional probe so the estimates can recover when the
+text becomes predictable again.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ class SpecPolicy:
 
     def __post_init__(self) -> None:
         self.acceptance = AcceptanceModel()
-        self.first = AcceptanceModel()   # first token of a round: the K = 0 decision
+        self.rate_hits, self.rate_seen = 1.2, 2.0   # decayed per-token acceptance, prior 0.6
         self._plain_streak = 0
         if self.fixed_k is None and self.costs is None:
             raise ValueError("auto K needs step costs")
@@ -82,19 +83,22 @@ class SpecPolicy:
         if self._plain_streak >= PROBE_EVERY:
             self._plain_streak = 0
             return True
-        c = self.costs
-        if (1 + self.first.mean) / (c.draft_step + c.verify_rows(2)) > 1 / c.verify_rows(1):
+        if self.model_rate() > 1 / self.costs.verify_rows(1):
             self._plain_streak = 0
             return True
         self._plain_streak += 1
         return False
 
     def model_rate(self) -> float:
-        """Expected tokens per second of a model-drafted round at the recent acceptance."""
+        """Expected tokens per second of a model-drafted round at the recent per-token
+        acceptance, for the best K (or the fixed one)."""
         c = self.costs
-        a = self.acceptance.mean
-        k = self.fixed_k or 4
-        return (1 + sum(a ** i for i in range(1, k + 1))) / (k * c.draft_step + c.verify_rows(k + 1))
+        a = self.rate_hits / self.rate_seen
+        best = 0.0
+        for k in ([self.fixed_k] if self.fixed_k else range(max(1, self.k_min), self.k_max + 1)):
+            e = 1 + sum(a ** i for i in range(1, k + 1))
+            best = max(best, e / (k * c.draft_step + c.verify_rows(k + 1)))
+        return best
 
     def keep_drafting(self, confs: list) -> bool:
         """After drafting len(confs) tokens: is drafting one more expected to pay?"""
@@ -114,4 +118,5 @@ class SpecPolicy:
     def observe(self, confs: list, n_accepted: int) -> None:
         if confs:
             self.acceptance.observe(confs, n_accepted)
-            self.first.observe(confs[:1], min(1, n_accepted))
+            self.rate_hits = DECAY * self.rate_hits + n_accepted
+            self.rate_seen = DECAY * self.rate_seen + min(len(confs), n_accepted + 1)

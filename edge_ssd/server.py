@@ -37,7 +37,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .errors import EdgeSSDError
+from .errors import EdgeSSDError, MemoryBudgetError
 
 log = logging.getLogger("edge_ssd.server")
 
@@ -95,8 +95,11 @@ def _bad(message: str, param: Optional[str] = None, code: Optional[str] = None) 
 
 
 def from_engine_error(e: EdgeSSDError, endpoint: str) -> APIError:
-    """A RequestError (or other user-facing error) from the engine as a 400 naming its param."""
+    """A RequestError (or other user-facing error) from the engine as a 400 naming its param;
+    a MemoryBudgetError as 503."""
     msg = str(e)
+    if isinstance(e, MemoryBudgetError):  # the device, not the request, is short: retry later or smaller
+        return APIError(503, msg, type_="server_error", code="insufficient_memory", headers={"retry-after": "5"})
     first = msg.split(" ", 1)[0].strip(",:")
     param = _PARAM_OF.get(first, first if first in _EXTRA_TYPES else None)
     code = None

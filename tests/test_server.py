@@ -154,6 +154,8 @@ def live(engine):
 def test_openai_client_chat_completion_and_streaming(live, engine):
     client = live.client()
     name = engine.bundle.name
+    health = httpx.get(live.url + "/health", timeout=10).json()
+    assert health["status"] == "ok" and health["model"] == name and health["max_context"] == engine.max_context
     assert [m.id for m in client.models.list().data] == [name]
     assert client.models.retrieve(name).id == name
 
@@ -313,6 +315,7 @@ def test_concurrent_load_no_lost_response_and_memory_returns(live):
     assert delta('edge_ssd_requests_total{endpoint="completions",status="200"}') == sum(
         1 for r in results if r[2] == 2)
     assert delta("edge_ssd_completion_tokens_total") == sum(r[3] for r in results)
+    assert sum(delta(k) for k in after if k.startswith("edge_ssd_finished_total")) == len(results)
     assert not any(k.startswith("edge_ssd_requests_total") and 'status="429"' in k for k in after)
     assert after["edge_ssd_requests_running"] == 0 and after["edge_ssd_queue_depth"] == 0
     assert after["edge_ssd_tokens_per_second"] > 0
@@ -402,7 +405,7 @@ def test_graceful_shutdown_finishes_or_stops_in_flight_work(engine):
     # a deadline shorter than the request: the generation is cancelled and its thread stops
     slow = SlowEngine(engine, delay=0.05)
     with Live(build_app(slow, ServeOptions()), timeout_graceful_shutdown=0.5) as s:
-        with httpx.Client(base_url=s.url, timeout=30) as c, c.stream(
+        with httpx.Client(base_url=s.url, timeout=5) as c, c.stream(
                 "POST", "/v1/completions", json={"prompt": LONG_PROMPT, "max_tokens": 200, "stream": True}) as r:
             events = sse(r)
             next(events)
@@ -418,12 +421,22 @@ def test_graceful_shutdown_finishes_or_stops_in_flight_work(engine):
     assert engine.generate("hi", max_new_tokens=2).stats["new_tokens"] >= 1
 
 
+def serve_command() -> list:
+    """`edge-ssd serve` once the CLI has the subcommand, else the module's own entry point."""
+    import argparse
+
+    from edge_ssd.cli import build_parser
+
+    subs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return ["-m", "edge_ssd.cli", "serve"] if "serve" in subs.choices else ["-m", "edge_ssd.server"]
+
+
 def test_cli_serve_subprocess_env_key_and_sigterm(fp32_bundle):
     with socket.socket() as sk:
         sk.bind((HOST, 0))
         port = sk.getsockname()[1]
     env = dict(os.environ, EDGE_SSD_API_KEY="k123")
-    p = subprocess.Popen([sys.executable, "-m", "edge_ssd.server", "--bundle", str(fp32_bundle.path),
+    p = subprocess.Popen([sys.executable, *serve_command(), "--bundle", str(fp32_bundle.path),
                           "--port", str(port), "--provider", "cpu", "--threads", "1", "--max-new-tokens", "5",
                           "--mode", "ar", "--queue", "2"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -453,3 +466,22 @@ def test_cli_serve_subprocess_env_key_and_sigterm(fp32_bundle):
     assert p.returncode in (0, -signal.SIGTERM), (p.returncode, stderr)
     assert "Traceback" not in stderr, stderr
     assert "edge-ssd serve" in stdout and "pair-fp32" in stdout
+
+
+def test_embed_service_example(fp32_bundle):
+    """deploy/examples/embed_service.py: JSON lines in, streamed JSON lines out, bad lines answered."""
+    script = os.path.join(os.path.dirname(__file__), "..", "deploy", "examples", "embed_service.py")
+    lines = [{"id": 1, "prompt": LONG_PROMPT, "raw": True, "max_new_tokens": 12}, "not json",
+             {"id": 3, "messages": MSGS, "temperature": -1}, {"id": 4, "messages": MSGS, "max_new_tokens": 4}]
+    stdin = "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n"
+    p = subprocess.run([sys.executable, script, "--bundle", str(fp32_bundle.path), "--provider", "cpu",
+                        "--threads", "1"], input=stdin, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    out = [json.loads(line) for line in p.stdout.splitlines()]
+    done = {m["id"]: m for m in out if m.get("done")}
+    assert set(done) == {1, 4}
+    for rid in (1, 4):
+        assert "".join(m["delta"] for m in out if m["id"] == rid and "delta" in m) == done[rid]["text"]
+    assert done[1]["stats"]["new_tokens"] == 12
+    errors = {m["id"]: m["error"] for m in out if "error" in m}
+    assert set(errors) == {None, 3} and "temperature" in errors[3]

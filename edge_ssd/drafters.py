@@ -148,11 +148,12 @@ class NgramDrafter:
 class AutoDrafter:
     """Per round: the n-gram proposal when it is expected to pay more than the draft model.
 
-    N-gram tokens cost no drafting, only verification rows. Their acceptance is tracked per
-    token (decayed, with a prior); a proposal of length L is taken when
-    (1 + sum_i a^i) / verify(L+1) beats the draft model's expected rate at its recent
-    acceptance (or a plain step's 1 / verify(1) when there is no draft model). A matched
-    proposal passed over several times is tried anyway, so a bad start is not final.
+    N-gram tokens cost no drafting, only verification rows, but on a CPU a row is not free
+    (verify(9) is about 3x decode(1)), so a proposal is cut to the length L that maximizes
+    (1 + sum_{i<=L} a^i) / verify(L+1) at the n-gram's tracked per-token acceptance a, and
+    taken only when that beats both a plain step and the draft model's expected rate. A match
+    passed over several times is tried anyway (two tokens), so a bad start is not final.
+    With no draft model this is the `ngram` drafter.
     """
 
     PROBE_AFTER = 6
@@ -169,22 +170,32 @@ class AutoDrafter:
         if self.model is not None:
             self.model.start(prompt)
 
-    def _ngram_pays(self, length: int, policy: SpecPolicy) -> bool:
+    def _ngram_length(self, available: int, policy: SpecPolicy) -> int:
         c = policy.costs
-        if c is None or self._skipped >= self.PROBE_AFTER:
-            return True
+        if c is None:
+            return available
         a = self.hits / self.tested
-        rate = (1 + sum(a ** i for i in range(1, length + 1))) / c.verify_rows(length + 1)
-        best_other = policy.model_rate() if self.model is not None else 1 / c.verify_rows(1)
-        return rate >= best_other
+        best_len, best = 0, 1 / c.verify_rows(1)
+        if self.model is not None and policy.model_pays_estimate():
+            best = max(best, policy.model_rate())
+        e = 1.0
+        for n in range(1, available + 1):
+            e += a ** n
+            rate = e / c.verify_rows(n + 1)
+            if rate > best:
+                best_len, best = n, rate
+        if best_len == 0 and self._skipped >= self.PROBE_AFTER:
+            best_len = min(2, available)
+        return best_len
 
     def propose(self, seq: list, k: int, sp: SamplingParams, rng: np.random.Generator,
                 policy: SpecPolicy) -> Proposal:
         self._base = len(seq)
         tokens = self.ngram.lookup(seq, k) if k > 0 else []
-        if tokens and self._ngram_pays(len(tokens), policy):
+        n = self._ngram_length(len(tokens), policy) if tokens else 0
+        if n:
             self._skipped = 0
-            prop = Proposal(tokens, None, [], "ngram")
+            prop = Proposal(tokens[:n], None, [], "ngram")
         else:
             self._skipped += bool(tokens)
             prop = self.model.propose(seq, k, sp, rng, policy) if self.model is not None else Proposal([])

@@ -89,6 +89,10 @@ class SpecPolicy:
         self._plain_streak += 1
         return False
 
+    def model_pays_estimate(self) -> bool:
+        """model_pays without side effects (no probe counting)."""
+        return self.fixed_k is not None or self.k_min > 0 or self.model_rate() > 1 / self.costs.verify_rows(1)
+
     def model_rate(self) -> float:
         """Expected tokens per second of a model-drafted round at the recent per-token
         acceptance, for the best K (or the fixed one)."""

@@ -28,9 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--draft-quant", choices=WEIGHT_QUANTS)
     ap.add_argument("--target-quant", choices=WEIGHT_QUANTS)
     ap.add_argument("--lm-head-quant", choices=WEIGHT_QUANTS, help="keep the LM heads at another precision")
-    ap.add_argument("--block-size", type=int, default=32, help="int4/int8 quantization block (16..256)")
-    ap.add_argument("--accuracy-level", type=int, default=4,
-                    help="MatMulNBits compute: 4 = int8 activations (fast on CPU), 0/1 = fp32")
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="int4/int8 quantization block, 16..256 (default: the pair's recommendation, else 32)")
+    ap.add_argument("--accuracy-level", type=int, default=None,
+                    help="MatMulNBits compute: 4 = int8 activations (fast on CPU), 0/1 = fp32 (default 4)")
     ap.add_argument("--max-context", type=int, default=None, help="cap the context length (rotary cache)")
     ap.add_argument("--no-validate", action="store_true", help="skip the golden check and agreement")
     ap.add_argument("--force", action="store_true", help="replace an existing bundle")
@@ -39,16 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _quant(args, which: Optional[str]) -> QuantConfig:
-    return QuantConfig(weights=which or args.quant, block_size=args.block_size,
-                       accuracy_level=args.accuracy_level, lm_head=args.lm_head_quant)
+def _quant(args, which: Optional[str], rec: dict, role: str) -> QuantConfig:
+    block = args.block_size or rec.get(f"{role}_block_size", rec.get("block_size", 32))
+    level = args.accuracy_level if args.accuracy_level is not None else rec.get("accuracy_level", 4)
+    return QuantConfig(weights=which or args.quant, block_size=block, accuracy_level=level,
+                       lm_head=args.lm_head_quant)
 
 
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        name = ""
+        name, rec = "", {}
         if args.pair:
             entry = pair_entry(args.pair)
             name = args.pair
@@ -66,8 +69,8 @@ def main(argv: Optional[list] = None) -> int:
             target, draft, dq, tq = args.target, args.draft, args.draft_quant, args.target_quant
         out = args.out or REPO_ROOT / "models" / (name or Path(target).stem)
         plan = ExportPlan(
-            target=ModelPlan("target", target, _quant(args, tq)),
-            draft=ModelPlan("draft", draft, _quant(args, dq)) if draft else None,
+            target=ModelPlan("target", target, _quant(args, tq, rec, "target")),
+            draft=ModelPlan("draft", draft, _quant(args, dq, rec, "draft")) if draft else None,
             out=out, name=name, max_context=args.max_context, validate=not args.no_validate,
             force=args.force, cache=args.cache,
         )

@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""The three numbers that decide whether speculation pays, for one bundle on this device:
+draft step, verify(K+1) and decode(1), at 200 and 1,000 tokens of context; plus how far a
+lone row's logits drift from the same row computed among several (the --exact question).
+
+    python tools/step_costs.py --bundle models/qwen2.5-coder-0.5b-1.5b [--threads 2] [--json OUT]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge_ssd.bundle import ModelEntry, load_bundle
+from edge_ssd.model import OnnxLM
+
+ROWS = (1, 2, 3, 5, 9)
+
+
+def timed(lm: OnnxLM, ctx: int, rows: int, reps: int, rng: np.random.Generator) -> float:
+    lm.reset()
+    lm.forward(rng.integers(100, 20000, ctx).tolist())
+    ts = []
+    for _ in range(reps + 1):
+        lm.truncate(ctx)
+        ids = rng.integers(100, 20000, rows).tolist()
+        t0 = time.perf_counter()
+        lm.forward(ids, keep=rows)
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts[1:]))
+
+
+def row_drift(lm: OnnxLM, rng: np.random.Generator, past: int = 100, n: int = 8) -> float:
+    """Max |logit| difference between one-at-a-time and all-at-once evaluation of n tokens."""
+    ids = rng.integers(100, 20000, past + n).tolist()
+    lm.reset()
+    lm.forward(ids[:past])
+    together = lm.forward(ids[past:], keep=n).copy()
+    lm.truncate(past)
+    alone = np.stack([lm.forward([t])[0].copy() for t in ids[past:]])
+    return float(np.abs(together - alone).max())
+
+
+def measure(entry: ModelEntry, threads: int, reps: int = 7, contexts=(200, 1000)) -> dict:
+    lm = OnnxLM(entry, threads=threads, max_context=max(contexts) + 32)
+    rng = np.random.default_rng(0)
+    out = {"rows_ms": {}, "decode_ms": {}}
+    for ctx in contexts:
+        out["decode_ms"][ctx] = 1000 * timed(lm, ctx, 1, reps, rng)
+    for r in ROWS:
+        out["rows_ms"][r] = 1000 * timed(lm, contexts[0], r, reps, rng)
+    out["row_drift"] = row_drift(lm, rng)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", type=Path, required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    b = load_bundle(args.bundle)
+    res = {m.role: measure(m, args.threads, args.reps) for m in (b.target, b.draft) if m is not None}
+    t = res["target"]
+    print(f"{'model':<8}{'decode@200':>12}{'decode@1000':>13}" + "".join(f"{'rows=' + str(r):>9}" for r in ROWS)
+          + f"{'row drift':>11}")
+    for role, m in res.items():
+        print(f"{role:<8}{m['decode_ms'][200]:>10.1f}ms{m['decode_ms'][1000]:>11.1f}ms"
+              + "".join(f"{m['rows_ms'][r]:>7.1f}ms" for r in ROWS) + f"{m['row_drift']:>11.3g}")
+    print(f"verify(5)/decode(1) = {t['rows_ms'][5] / t['rows_ms'][1]:.2f}x; "
+          f"decode@1000/decode@200 = {t['decode_ms'][1000] / t['decode_ms'][200]:.2f}x", end="")
+    if "draft" in res:
+        print(f"; draft step/target step = {res['draft']['rows_ms'][1] / t['rows_ms'][1]:.2f}x")
+    else:
+        print()
+    if args.json:
+        args.json.write_text(json.dumps({"bundle": str(b.path), "threads": args.threads, **res}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -64,16 +64,17 @@ def summarize(results: list, modes: list) -> dict:
         base = row[modes[0]]["tokens_per_s"]
         for m in modes[1:]:
             row[m]["speedup"] = row[m]["tokens_per_s"] / base if base else 0.0
-        same = [r["identical"] for r in rs if "identical" in r]
-        if same:
-            row["identical_share"] = sum(same) / len(same)
+        for m in modes[1:]:
+            same = [r["identical"][m] for r in rs if m in r.get("identical", {})]
+            if same:
+                row[m]["identical_share"] = sum(same) / len(same)
         table[cat] = row
     return table
 
 
 def print_table(table: dict, modes: list, out=sys.stdout) -> None:
     head = f"{'category':<16}{'n':>4}" + "".join(f"{m + ' tok/s':>13}" for m in modes)
-    head += "".join(f"{m + ' x':>9}{'acc':>6}{'len':>6}" for m in modes[1:]) + f"{'same':>6}"
+    head += "".join(f"{m + ' x':>9}{'acc':>6}{'len':>6}{'same':>6}" for m in modes[1:])
     print(head, file=out)
     for cat in sorted(table, key=lambda c: (c == "ALL", c)):
         row = table[cat]
@@ -81,7 +82,7 @@ def print_table(table: dict, modes: list, out=sys.stdout) -> None:
         for m in modes[1:]:
             r = row[m]
             line += f"{r['speedup']:>9.2f}{r.get('acceptance_rate', 0):>6.2f}{r.get('mean_accepted_len', 0):>6.2f}"
-        line += f"{row['identical_share']:>6.2f}" if "identical_share" in row else f"{'':>6}"
+            line += f"{r['identical_share']:>6.2f}" if "identical_share" in r else f"{'':>6}"
         print(line, file=out)
 
 
@@ -130,13 +131,14 @@ def run_bench(args, engine) -> int:
             ids[m] = res.token_ids
             bar.update(1)
         if "ar" in ids and len(ids) > 1:
-            rec["identical"] = all(v == ids["ar"] for v in ids.values())
-            if not rec["identical"]:
-                other = next(v for v in ids.values() if v != ids["ar"])
-                pos = next((i for i, (a, b) in enumerate(zip(ids["ar"], other)) if a != b),
-                           min(len(ids["ar"]), len(other)))
-                rec["first_divergence"] = pos
-                rec["top2_margin_at_divergence"] = _top2_margin(engine, p["prompt"], ids["ar"][:pos])
+            rec["identical"] = {m: v == ids["ar"] for m, v in ids.items() if m != "ar"}
+            rec["divergence"] = {}
+            for m, v in ids.items():
+                if m != "ar" and v != ids["ar"]:
+                    pos = next((i for i, (a, b) in enumerate(zip(ids["ar"], v)) if a != b),
+                               min(len(ids["ar"]), len(v)))
+                    rec["divergence"][m] = {"first": pos,
+                                            "top2_margin": _top2_margin(engine, p["prompt"], ids["ar"][:pos])}
         results.append(rec)
     bar.close()
     table = summarize(results, modes)

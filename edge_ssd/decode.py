@@ -61,12 +61,13 @@ def _clip(new: list, eos: frozenset, budget: int) -> tuple:
 
 def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: DecodeConfig,
            stats: Stats, costs: Optional[StepCosts] = None, governor: Optional[Governor] = None,
-           on_drop_draft: Callable[[], None] = lambda: None) -> Iterator[list]:
+           on_drop_draft: Callable[[], None] = lambda: None, learned: Optional[dict] = None) -> Iterator[list]:
     """Yield each round's committed new tokens; fill `stats` as it goes.
 
     drafter None is plain target decoding: the `ar` baseline. costs (shared across requests)
     are needed for auto K and are kept current with the steps this request runs. The governor,
     asked between rounds, can cap K, drop the draft (on_drop_draft frees it) or end the request.
+    `learned` carries acceptance estimates from one request to the next (read, then updated).
     """
     if not prompt:
         raise RequestError("the prompt is empty")
@@ -75,6 +76,8 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
     sp = cfg.sampling
     rng = np.random.default_rng(sp.seed)
     policy = SpecPolicy(costs, cfg.k, cfg.k_min, cfg.k_max) if drafter is not None else None
+    if policy is not None and learned:
+        policy.load(learned)
     t_start = time.perf_counter()
     stats.prompt_tokens = len(prompt)
     target.reset()
@@ -151,6 +154,8 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
         for d in (drafter, getattr(drafter, "model", None)):
             if hasattr(d, "parallel_stats"):
                 stats.parallel = d.parallel_stats()
+        if policy is not None and learned is not None and policy.observed:
+            learned.update(policy.state())
         stats.new_tokens = produced
         t_end = time.perf_counter()
         stats.decode_s = t_end - t_first

@@ -158,9 +158,11 @@ class AutoDrafter:
 
     PROBE_AFTER = 6
 
-    def __init__(self, model: Optional[ModelDrafter], ngram: NgramDrafter):
+    def __init__(self, model: Optional[ModelDrafter], ngram: NgramDrafter, learned: Optional[dict] = None):
         self.model, self.ngram = model, ngram
-        self.hits, self.tested = 1.4, 2.0     # prior: 70% acceptance, worth two tokens
+        self.learned = learned if learned is not None else {}
+        # prior: 70% acceptance, worth two tokens, or what earlier requests learned
+        self.hits, self.tested = self.learned.get("ngram", (1.4, 2.0))
         self._skipped = 0
         self._last: Optional[Proposal] = None
         self._base = 0
@@ -213,6 +215,8 @@ class AutoDrafter:
         if prop is not None and prop.source == "ngram" and prop.tokens:
             self.hits = 0.95 * self.hits + n
             self.tested = 0.95 * self.tested + min(len(prop.tokens), n + 1)
+            w = min(1.0, 6.0 / self.tested)
+            self.learned["ngram"] = (self.hits * w, self.tested * w)
         self._last = None
 
 

@@ -25,9 +25,11 @@ def session_options(threads: int, spin: bool = True) -> ort.SessionOptions:
     so.intra_op_num_threads = max(1, threads)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # Spinning workers shave latency off back-to-back steps, but steal the core from a
-    # concurrently running model in parallel speculation; the caller decides.
+    # Workers spin between the ops of one Run (op-to-op latency), and with force_spinning_stop
+    # they stop the moment Run returns, so that they do not steal the cores from the other
+    # model's step that follows. spin=False turns spinning off altogether.
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     so.log_severity_level = 3
     return so
 

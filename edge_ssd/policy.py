@@ -67,6 +67,7 @@ class SpecPolicy:
     def __post_init__(self) -> None:
         self.acceptance = AcceptanceModel()
         self.rate_hits, self.rate_seen = 1.2, 2.0   # decayed per-token acceptance, prior 0.6
+        self.observed = 0                           # model-drafted rounds seen
         self._plain_streak = 0
         if self.fixed_k is None and self.costs is None:
             raise ValueError("auto K needs step costs")
@@ -119,8 +120,22 @@ class SpecPolicy:
         cost_next = cost_now + c.draft_step + c.verify_rows(j + 2) - c.verify_rows(j + 1)
         return e_next / cost_next > e_now / cost_now
 
+    def state(self) -> dict:
+        """What this request learned, scaled down to a prior for the next request."""
+        w = min(1.0, 8.0 / max(self.rate_seen, 1e-9))
+        a = self.acceptance
+        return {"rate": (self.rate_hits * w, self.rate_seen * w),
+                "buckets": (a.hits.tolist(), a.seen.tolist())}
+
+    def load(self, state: dict) -> None:
+        if "rate" in state:
+            self.rate_hits, self.rate_seen = state["rate"]
+            hits, seen = state["buckets"]
+            self.acceptance.hits, self.acceptance.seen = np.array(hits), np.array(seen)
+
     def observe(self, confs: list, n_accepted: int) -> None:
         if confs:
+            self.observed += 1
             self.acceptance.observe(confs, n_accepted)
             self.rate_hits = DECAY * self.rate_hits + n_accepted
             self.rate_seen = DECAY * self.rate_seen + min(len(confs), n_accepted + 1)

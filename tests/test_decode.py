@@ -181,3 +181,17 @@ def test_parallel_mode_is_lossless_and_hits(fp32_bundle):
         if expect_hits:  # a perfect draft: every round fully accepted, guesses right when the background thread got ahead in time
             assert par.hits > 5 and st.parallel["hits"] > 0
     pool.shutdown()
+
+
+def test_acceptance_estimates_carry_over_between_requests(fp32_bundle):
+    from edge_ssd.costs import StepCosts
+
+    target = OnnxLM(fp32_bundle.target, threads=1)
+    self_draft = ModelDrafter(OnnxLM(fp32_bundle.target, threads=1), 300)
+    costs = StepCosts(draft_step=0.002, verify={1: 0.010, 2: 0.011, 3: 0.012, 5: 0.014, 9: 0.018})
+    learned: dict = {}
+    out = [t for c in decode(target, self_draft, [5, 6, 7], DecodeConfig(max_new_tokens=30, k=None), Stats("spec"),
+                             costs, learned=learned) for t in c]
+    assert len(out) == 30
+    hits, seen = learned["rate"]
+    assert hits / seen > 0.9 and seen <= 8.0 + 1e-9   # a perfect draft, scaled to a light prior

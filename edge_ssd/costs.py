@@ -44,13 +44,18 @@ class StepCosts:
 
     def observe_verify(self, rows: int, seconds: float) -> None:
         old = self.verify.get(rows)
-        self.verify[rows] = seconds if old is None else (1 - EMA) * old + EMA * seconds
+        self.verify[rows] = seconds if old is None else _ema(old, seconds)
 
     def observe_draft(self, seconds: float) -> None:
-        self.draft_step = (1 - EMA) * self.draft_step + EMA * seconds
+        self.draft_step = _ema(self.draft_step, seconds) if self.draft_step > 0 else seconds
 
     def to_json(self) -> dict:
         return {"draft_step_s": self.draft_step, "verify_s": {str(k): v for k, v in sorted(self.verify.items())}}
+
+
+def _ema(old: float, new: float) -> float:
+    """Moving average that one outlier (a page fault, a preempted thread) cannot drag far."""
+    return (1 - EMA) * old + EMA * min(max(new, 0.5 * old), 2.0 * old)
 
 
 def _median_time(lm: OnnxLM, ids: list, reps: int) -> float:

@@ -75,6 +75,10 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
         raise RequestError(f"the prompt has {len(prompt)} tokens; the context limit is {target.max_context}")
     sp = cfg.sampling
     rng = np.random.default_rng(sp.seed)
+    if getattr(drafter, "concurrent", False):
+        costs_seen = None  # steps overlap with drafting: their times are not the device's step costs
+    else:
+        costs_seen = costs
     policy = SpecPolicy(costs, cfg.k, cfg.k_min, cfg.k_max) if drafter is not None else None
     if policy is not None and learned:
         policy.load(learned)
@@ -128,8 +132,8 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
                 dt = time.perf_counter() - t1
                 stats.draft_s += t1 - t0
                 stats.verify_s += dt
-                if costs is not None:
-                    costs.observe_verify(1, dt)
+                if costs_seen is not None:
+                    costs_seen.observe_verify(1, dt)
                 stats.record_round(0, 0)
                 continue
             k = len(prop.tokens)
@@ -143,8 +147,8 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
             dt = time.perf_counter() - t1
             stats.draft_s += t1 - t0
             stats.verify_s += dt
-            if costs is not None:
-                costs.observe_verify(k + 1, dt)
+            if costs_seen is not None:
+                costs_seen.observe_verify(k + 1, dt)
             target.truncate(len(seq) + n)
             drafter.commit(len(seq) + n)
             policy.observe(prop.conf, n)

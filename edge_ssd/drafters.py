@@ -208,6 +208,10 @@ class AutoDrafter:
         if hasattr(self.model, "overlap"):
             self.model.overlap(seq, prop, sp, depth)
 
+    @property
+    def concurrent(self) -> bool:
+        return getattr(self.model, "concurrent", False)
+
     def commit(self, n_valid: int) -> None:
         if self.model is not None:
             self.model.commit(n_valid)
@@ -319,3 +323,5 @@ class ParallelDrafter:
     @property
     def target_vocab(self) -> int:
         return self.model.target_vocab
+
+    concurrent = True  # drafting overlaps verification

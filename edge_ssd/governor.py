@@ -38,8 +38,32 @@ class Reading:
     rss: int         # this process's resident set
 
 
+CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),                 # v2
+                ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def cgroup_headroom(files=CGROUP_FILES) -> Optional[int]:
+    """Bytes left under this process's cgroup memory limit (systemd MemoryMax, docker -m), if any."""
+    for limit_file, usage_file in files:
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < (1 << 60):  # "max" or a huge number: no limit
+            return max(0, int(limit) - usage)
+    return None
+
+
 def read_memory() -> Reading:
-    return Reading(psutil.virtual_memory().available, psutil.Process().memory_info().rss)
+    """Available memory is the smaller of the system's and the cgroup limit's headroom."""
+    available = psutil.virtual_memory().available
+    headroom = cgroup_headroom()
+    if headroom is not None:
+        available = min(available, headroom)
+    return Reading(available, psutil.Process().memory_info().rss)
 
 
 def parse_size(text: "str | int | None", available: int) -> Optional[int]:

@@ -8,7 +8,6 @@ are ignored (attention reads `seqlens_k`) and overwritten by the next step.
 """
 from __future__ import annotations
 
-import time
 from typing import Optional, Sequence
 
 import numpy as np
@@ -63,8 +62,6 @@ class OnnxLM:
         self.vocab = entry.vocab_size
         self.logits = np.empty((1, max_keep, self.vocab), np.float32)
         self.length = 0
-        self.calls = 0
-        self.seconds = 0.0
 
     def allocate(self, max_context: int) -> None:
         """(Re)allocate the static KV buffers for `max_context` tokens and bind them.
@@ -114,10 +111,7 @@ class OnnxLM:
         io.bind_cpu_input(names["logits_to_keep"], np.array([rows], np.int64))
         io.bind_output(self.entry.io["outputs"]["logits"], "cpu", 0, np.float32, [1, rows, self.vocab],
                        self.logits.ctypes.data)
-        t0 = time.perf_counter()
         self.session.run_with_iobinding(io)
-        self.seconds += time.perf_counter() - t0
-        self.calls += 1
         self.length += n  # a padding row's cache entry lies beyond `length`: ignored, overwritten
         return self.logits[0, :keep]
 

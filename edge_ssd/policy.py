@@ -50,10 +50,6 @@ class AcceptanceModel:
             self.seen[b] += 1
             self.hits[b] += float(i < n_accepted)
 
-    @property
-    def mean(self) -> float:
-        return float(self.hits.sum() / self.seen.sum())
-
 
 @dataclass
 class SpecPolicy:
@@ -78,20 +74,16 @@ class SpecPolicy:
         return max(0, min(self.fixed_k if self.fixed_k is not None else self.k_max, room))
 
     def model_pays(self) -> bool:
-        """Is running the draft model this round expected to beat a plain target step?"""
-        if self.fixed_k is not None or self.k_min > 0:
-            return True
-        if self._plain_streak >= PROBE_EVERY:
-            self._plain_streak = 0
-            return True
-        if self.model_rate() > 1 / self.costs.verify_rows(1):
+        """Run the draft model this round? Yes when expected to beat a plain target step, and
+        once every PROBE_EVERY plain rounds anyway, so the estimate can recover."""
+        if self.model_pays_estimate() or self._plain_streak >= PROBE_EVERY:
             self._plain_streak = 0
             return True
         self._plain_streak += 1
         return False
 
     def model_pays_estimate(self) -> bool:
-        """model_pays without side effects (no probe counting)."""
+        """Is a model-drafted round expected to beat a plain step? (no side effects)"""
         return self.fixed_k is not None or self.k_min > 0 or self.model_rate() > 1 / self.costs.verify_rows(1)
 
     def model_rate(self) -> float:

@@ -44,6 +44,17 @@ def test_plan_fits_caps_drops_and_refuses():
         Governor("1GiB", fixed(16 * GiB)).plan(WEIGHTS, KV, 151936, 4096, 8, 32768)
 
 
+def test_cgroup_limit_is_seen(tmp_path):
+    from edge_ssd.governor import cgroup_headroom
+
+    (tmp_path / "max").write_text("2147483648\n")
+    (tmp_path / "cur").write_text("536870912\n")
+    (tmp_path / "nolimit").write_text("max\n")
+    assert cgroup_headroom([(str(tmp_path / "max"), str(tmp_path / "cur"))]) == 1536 * MiB
+    assert cgroup_headroom([(str(tmp_path / "nolimit"), str(tmp_path / "cur"))]) is None
+    assert cgroup_headroom([(str(tmp_path / "missing"), str(tmp_path / "cur"))]) is None
+
+
 def test_default_budget_is_a_share_of_available():
     g = Governor(None, fixed(10 * GiB, rss=0))
     assert g.budget == 8 * GiB

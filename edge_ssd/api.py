@@ -12,6 +12,7 @@ are per-engine state.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -23,13 +24,15 @@ from .bundle import STAMP_CACHE, Bundle, load_bundle
 from .costs import StepCosts, cached_calibration
 from .decode import K_LIMIT, DecodeConfig, decode
 from .drafters import AutoDrafter, Drafter, ModelDrafter, NgramDrafter, ParallelDrafter
-from .errors import RequestError
+from .errors import BundleError, RequestError
 from .governor import Governor, Reading, read_memory
 from .model import OnnxLM
 from .providers import resolve
 from .sampling import SamplingParams
 from .stats import Stats
 from .text import TextStream, Tokenizer, build_prompt
+
+log = logging.getLogger("edge_ssd")
 
 MODES = ("ar", "spec", "parallel")
 DEFAULT_CONTEXT = 4096
@@ -85,6 +88,8 @@ class Engine:
         self.provider = resolve(options.provider, options.strict_provider)
         cores = os.cpu_count() or 1
         min_rows = 2 if options.exact else 1
+        if options.exact:
+            _check_exact_possible(bundle)
         self.governor = Governor(options.memory_budget, options.memory_reader or read_memory)
         reader = self.governor.reader
         # Thread pools spin within a Run and stop when it returns (session_options): measured
@@ -106,7 +111,8 @@ class Engine:
             weights["draft"] = max(reader().rss - rss1, bundle.draft.weight_bytes // 2)
             kv["draft"] = bundle.draft.kv_bytes_per_token
         self.plan = self.governor.plan(weights, kv, bundle.target.vocab_size,
-                                       options.max_context or DEFAULT_CONTEXT, K_LIMIT, bundle.target.max_context)
+                                       options.max_context or DEFAULT_CONTEXT, K_LIMIT, bundle.target.max_context,
+                                       bundle.target.quant.get("weights", ""))
         if not self.plan.use_draft:
             self._drop_draft()
         self.target.allocate(self.plan.max_context)
@@ -231,3 +237,16 @@ class Engine:
         assert s.result is not None
         return s.result
 
+
+def _check_exact_possible(bundle: Bundle) -> None:
+    """--exact needs a target whose rows compute alike for any number (>= 2) of rows."""
+    report = (bundle.manifest.get("validation") or {}).get("target") or {}
+    if report.get("rows_invariant") is False:
+        q = bundle.target.quant
+        raise BundleError(
+            f"--exact needs a target that computes a row the same way whatever the number of rows "
+            f"with it, and this bundle's target (int4 block {q.get('block_size')}) does not; export one "
+            "with --block-size 32 (measured invariant), or run without --exact"
+        )
+    if "rows_invariant" not in report:
+        log.warning("this bundle was exported without the row-invariance check; --exact cannot be verified")

@@ -111,7 +111,7 @@ class Governor:
 
     # -- load -------------------------------------------------------------------------------
     def plan(self, weights: dict, kv_per_token: dict, vocab: int, want_context: int, want_k: int,
-             model_max_context: int) -> Plan:
+             model_max_context: int, target_quant: str = "") -> Plan:
         """Largest context (and K) that fit; drop the draft if only the target fits; else refuse."""
         fixed = self.base_rss + self.margin
         logits = lambda k: (k + 1) * vocab * 4 * 3  # noqa: E731
@@ -130,7 +130,8 @@ class Governor:
         raise MemoryBudgetError(
             f"the target alone needs about {fmt_bytes(need)} (weights {fmt_bytes(weights['target'])}, "
             f"a {MIN_CONTEXT}-token cache, margin) but the memory budget is {fmt_bytes(self.budget)}; "
-            "try a smaller quantization (int4), a shorter --max-context, a larger --memory-budget, "
+            + ("try a smaller quantization (int4), " if target_quant not in ("int4", "") else "try ")
+            + "a shorter --max-context, a larger --memory-budget, a smaller target model, "
             "or free memory on this device"
         )
 

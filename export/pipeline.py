@@ -230,5 +230,6 @@ def _validate(folder: Path, manifest: dict, hf: dict) -> dict:
         r = report[role]
         agree = r.get("top1_agreement_vs_fp32")
         print(f"    {role}: K+1-vs-one-at-a-time max |diff| {r['golden_max_abs_diff']:.3g}"
-              + (f", top-1 agreement vs fp32 {agree:.1%}" if agree is not None else ""))
+              + (f", top-1 agreement vs fp32 {agree:.1%}" if agree is not None else "")
+              + f", rows invariant for >= 2 rows (--exact possible): {r['rows_invariant']}")
     return report

@@ -149,3 +149,17 @@ def test_api_stream_and_stop(fp32_bundle):
 def test_info(fp32_bundle):
     out = json.loads(cli("info", "--bundle", fp32_bundle.path, check_rc=0).stdout)
     assert "cpu" in out["providers"] and out["bundle"]["target"]["layers"] == 2
+
+
+def test_exact_needs_a_row_invariant_target(fp32_bundle, int4_bundle, tmp_path):
+    from edge_ssd.errors import BundleError
+
+    assert int4_bundle.manifest["validation"]["target"]["rows_invariant"] is True  # int4 block 32
+    copy = tmp_path / "b"
+    shutil.copytree(fp32_bundle.path, copy)
+    m = json.loads((copy / "pair.json").read_text())
+    m["validation"]["target"]["rows_invariant"] = False
+    (copy / "pair.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="--block-size 32"):
+        Engine.load(copy, exact=True)
+    assert Engine.load(copy).generate("x", raw=True, max_new_tokens=2).stats["new_tokens"] == 2

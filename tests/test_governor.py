@@ -41,7 +41,10 @@ def test_plan_fits_caps_drops_and_refuses():
     p = Governor("1.7GiB", fixed(16 * GiB)).plan(WEIGHTS, KV, 151936, 4096, 8, 32768)  # only the target fits
     assert not p.use_draft and p.k_max == 0 and "draft does not fit" in p.note
     with pytest.raises(MemoryBudgetError, match="smaller quantization"):
-        Governor("1GiB", fixed(16 * GiB)).plan(WEIGHTS, KV, 151936, 4096, 8, 32768)
+        Governor("1GiB", fixed(16 * GiB)).plan(WEIGHTS, KV, 151936, 4096, 8, 32768, "int8")
+    with pytest.raises(MemoryBudgetError, match="shorter --max-context") as e:
+        Governor("1GiB", fixed(16 * GiB)).plan(WEIGHTS, KV, 151936, 4096, 8, 32768, "int4")
+    assert "quantization" not in str(e.value)
 
 
 def test_cgroup_limit_is_seen(tmp_path):
@@ -114,7 +117,7 @@ def test_budget_too_small_refuses_at_load_and_in_a_real_process(fp32_bundle):
     p = subprocess.run([sys.executable, "-m", "edge_ssd.cli", "generate", "--bundle", str(fp32_bundle.path),
                         "--prompt", "hello", "--memory-budget", "20MB"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert "memory budget is" in p.stderr and "try a smaller quantization" in p.stderr
+    assert "memory budget is" in p.stderr and "larger --memory-budget" in p.stderr
 
 
 def test_plan_is_reported(fp32_bundle):

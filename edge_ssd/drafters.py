@@ -301,8 +301,9 @@ class ParallelDrafter:
             return Proposal(tokens, None, conf, "model")
         if self.after >= 0:  # the guess missed: keep only the accepted proposals in the cache
             self.misses += 1
+            after = self.after
             self._stop()
-            self.model.lm.truncate(len(seq) - 1)
+            self.model.lm.truncate(after)
         return self.model.propose(seq, k, sp, rng, policy)
 
     def commit(self, n_valid: int) -> None:

@@ -195,3 +195,33 @@ def test_acceptance_estimates_carry_over_between_requests(fp32_bundle):
     assert len(out) == 30
     hits, seen = learned["rate"]
     assert hits / seen > 0.9 and seen <= 8.0 + 1e-9   # a perfect draft, scaled to a light prior
+
+
+def test_parallel_survives_plain_rounds_between_drafts(fp32_bundle):
+    """Plain rounds (K = 0) between drafted ones: the stale guess is dropped, output stays exact."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edge_ssd.drafters import ParallelDrafter
+    from edge_ssd.policy import SpecPolicy
+
+    class Alternating(SpecPolicy):  # draft 3, then a plain round, and again
+        def budget(self, room):
+            self.n = getattr(self, "n", 0) + 1
+            return min(3, room) if self.n % 2 else 0
+
+    import edge_ssd.decode as dec
+
+    target = OnnxLM(fp32_bundle.target, threads=1)
+    pool = ThreadPoolExecutor(1)
+    par = ParallelDrafter(ModelDrafter(OnnxLM(fp32_bundle.draft, threads=1), 300), pool)
+    original = dec.SpecPolicy
+    dec.SpecPolicy = Alternating
+    try:
+        for prompt in PROMPTS[:6]:
+            ar, _ = run(target, None, prompt, max_new_tokens=40)
+            spec, st = run(target, par, prompt, max_new_tokens=40, k=3)
+            assert spec == ar
+            assert 0 in st.k_chosen and 3 in st.k_chosen
+    finally:
+        dec.SpecPolicy = original
+        pool.shutdown()

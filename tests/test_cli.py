@@ -163,3 +163,17 @@ def test_exact_needs_a_row_invariant_target(fp32_bundle, int4_bundle, tmp_path):
     with pytest.raises(BundleError, match="--block-size 32"):
         Engine.load(copy, exact=True)
     assert Engine.load(copy).generate("x", raw=True, max_new_tokens=2).stats["new_tokens"] == 2
+
+
+def test_parallel_placement_falls_back_when_cores_are_shared(fp32_bundle):
+    import os
+
+    cores = os.cpu_count() or 1
+    crowded = Engine.load(fp32_bundle.path, provider="cpu", threads=cores, draft_threads=cores)
+    r = crowded.generate("def add", raw=True, mode="parallel", max_new_tokens=10)
+    assert r.stats["parallel"] == {} and not crowded.parallel_pays()   # ran as sequential spec
+    if cores >= 2:
+        roomy = Engine.load(fp32_bundle.path, provider="cpu", threads=1, draft_threads=1)
+        r2 = roomy.generate("def add", raw=True, mode="parallel", max_new_tokens=10)
+        assert roomy.parallel_pays() and "hits" in r2.stats["parallel"]
+        assert r2.token_ids == r.token_ids

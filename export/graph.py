@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-BUILDER_VERSION = 1  # bump when the emitted graph changes: invalidates cached graphs
+BUILDER_VERSION = 2  # bump when the emitted graph changes: invalidates cached graphs
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 WEIGHT_QUANTS = ("fp32", "fp16", "int8", "int4")
 ORT_DOMAIN = "com.microsoft"
@@ -261,11 +261,10 @@ def build_decoder(
                         block_size=quant.block_size, accuracy_level=quant.accuracy_level)
         else:
             wdt = np.float16 if q == "fp16" else np.float32
-            (y,) = g.op("MatMul", [x, g.init(f"{name}.weight", w.astype(wdt))], name=name)
-            if wdt != act:  # an fp16-stored head in an fp32 graph: compute in fp32
-                g.nodes.pop()
-                (wc,) = g.op("Cast", [f"{name}.weight"], to=act_t)
-                (y,) = g.op("MatMul", [x, wc], name=name)
+            wname = g.init(f"{name}.weight", w.astype(wdt))
+            if wdt != act:  # e.g. an fp16-stored LM head in an fp32 graph: compute in fp32
+                (wname,) = g.op("Cast", [wname], to=act_t)
+            (y,) = g.op("MatMul", [x, wname], name=name)
         if bias is not None:
             (y,) = g.op("Add", [y, g.init(f"{name}.bias", bias.astype(act))])
         return y

@@ -142,3 +142,18 @@ def test_unsupported_architecture_is_refused_by_name(tiny_sources, tmp_path):
     (odd / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
         export_bundle({**tiny_sources, "llama": odd}, tmp_path / "b", "fp32", draft=False, target_key="llama")
+
+
+@pytest.mark.parametrize("weights,head", [("int4", "int8"), ("fp32", "fp16"), ("int8", "fp32")])
+def test_lm_head_kept_at_other_precision(tiny_sources, tmp_path, weights, head):
+    from edge_ssd_export.graph import QuantConfig
+    from edge_ssd_export.pipeline import ExportPlan, ModelPlan, export_pair
+
+    q = QuantConfig(weights=weights, block_size=32, accuracy_level=4, lm_head=head)
+    b = export_pair(ExportPlan(target=ModelPlan("target", str(tiny_sources["target"]), q), draft=None,
+                               out=tmp_path / "b", cache=tmp_path / ".cache"))
+    assert b.target.quant["lm_head"] == head and b.target.quant["weights"] == weights
+    ids = list(range(5, 30))
+    ours = OnnxLM(b.target, threads=1).forward(ids, keep=len(ids))
+    ref = hf_logits(tiny_sources["target"], ids)
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() > 0.8

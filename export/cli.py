@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--draft-quant", choices=WEIGHT_QUANTS)
     ap.add_argument("--target-quant", choices=WEIGHT_QUANTS)
     ap.add_argument("--lm-head-quant", choices=WEIGHT_QUANTS, help="keep the LM heads at another precision")
+    ap.add_argument("--draft-vocab", type=int, default=None,
+                    help="keep the draft's LM head to the first N token ids (cheaper draft step; lossless)")
     ap.add_argument("--block-size", type=int, default=None,
                     help="int4/int8 quantization block, 16..256 (default: the pair's recommendation, else 32)")
     ap.add_argument("--accuracy-level", type=int, default=None,
@@ -43,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _quant(args, which: Optional[str], rec: dict, role: str) -> QuantConfig:
     block = args.block_size or rec.get(f"{role}_block_size", rec.get("block_size", 32))
     level = args.accuracy_level if args.accuracy_level is not None else rec.get("accuracy_level", 4)
+    vocab = (args.draft_vocab or rec.get("draft_vocab")) if role == "draft" else None
     return QuantConfig(weights=which or args.quant, block_size=block, accuracy_level=level,
-                       lm_head=args.lm_head_quant)
+                       lm_head=args.lm_head_quant, vocab_limit=vocab)
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-BUILDER_VERSION = 2  # bump when the emitted graph changes: invalidates cached graphs
+BUILDER_VERSION = 3  # bump when the emitted graph changes: invalidates cached graphs
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 WEIGHT_QUANTS = ("fp32", "fp16", "int8", "int4")
 ORT_DOMAIN = "com.microsoft"
@@ -95,6 +95,10 @@ class QuantConfig:
     block_size: int = 32
     accuracy_level: int = 4
     lm_head: Optional[str] = None
+    # Keep only the first N rows of the LM head (a draft's logits over the N lowest token ids:
+    # for byte-level BPE the earliest, most frequent merges). The target still verifies over
+    # the full vocabulary, so this stays lossless; the draft just cannot propose rarer tokens.
+    vocab_limit: Optional[int] = None
 
     def __post_init__(self) -> None:
         for q in (self.weights, self.lm_head or self.weights):
@@ -104,6 +108,8 @@ class QuantConfig:
             raise ValueError(f"block size must be 16, 32, 64, 128 or 256, not {self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"accuracy level must be 0..4, not {self.accuracy_level}")
+        if self.vocab_limit is not None and self.vocab_limit < 256:
+            raise ValueError(f"vocabulary limit must be at least 256, not {self.vocab_limit}")
 
     @property
     def act_dtype(self) -> str:
@@ -115,6 +121,10 @@ class QuantConfig:
         d["lm_head"] = self.lm_head or self.weights
         d["act_dtype"] = self.act_dtype
         return d
+
+
+def logits_width(arch: Arch, quant: QuantConfig) -> int:
+    return min(arch.vocab_size, quant.vocab_limit or arch.vocab_size)
 
 
 def rope_inv_freq(arch: Arch) -> np.ndarray:
@@ -332,6 +342,7 @@ def build_decoder(
                           g.init("slice_axis", np.array([1], np.int64))])
     if lm_w is None:
         lm_w = weight("lm_head.weight")
+    lm_w = lm_w[: logits_width(arch, quant)]
     logits = linear(x, lm_w, "lm_head", quant.lm_head or quant.weights)
     del lm_w
     if act != np.float32:
@@ -346,7 +357,8 @@ def build_decoder(
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
         helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept", arch.vocab_size])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                             ["batch", "kept", logits_width(arch, quant)])]
     for i in range(arch.num_layers):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(io.inputs[f"past_{kind}"].format(i=i), act_t, kv_shape))

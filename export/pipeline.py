@@ -21,7 +21,7 @@ from edge_ssd import __version__
 from edge_ssd.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, Bundle, load_bundle, sha256_of
 from edge_ssd.progress import Bar, fmt_bytes, peak_rss_bytes, stage
 
-from .graph import BUILDER_VERSION, Arch, QuantConfig, build_decoder
+from .graph import BUILDER_VERSION, Arch, QuantConfig, build_decoder, logits_width
 from .registry import CACHE
 from .sources import resolve_source
 from .tokenizer_meta import ensure_tokenizer_json, tokenizer_meta
@@ -103,7 +103,7 @@ def _model_manifest(arch: Arch, quant: QuantConfig, role: str, files: list, max_
         "num_kv_heads": arch.num_kv_heads,
         "head_dim": arch.head_dim,
         "hidden_size": arch.hidden_size,
-        "vocab_size": arch.vocab_size,
+        "vocab_size": logits_width(arch, quant),
         "kv_dtype": quant.act_dtype,
         "max_context": max_context,
         "quant": quant.to_json(),

@@ -225,3 +225,32 @@ def test_parallel_survives_plain_rounds_between_drafts(fp32_bundle):
     finally:
         dec.SpecPolicy = original
         pool.shutdown()
+
+
+def test_pruned_draft_vocabulary_stays_lossless(tiny_sources, tmp_path):
+    """A draft whose LM head keeps only the first 256 ids proposes only those; output unchanged."""
+    from edge_ssd_export.graph import QuantConfig
+    from edge_ssd_export.pipeline import ExportPlan, ModelPlan, export_pair
+
+    q = QuantConfig(weights="fp32")
+    b = export_pair(ExportPlan(target=ModelPlan("target", str(tiny_sources["target"]), q),
+                               draft=ModelPlan("draft", str(tiny_sources["draft"]),
+                                               QuantConfig(weights="fp32", vocab_limit=256)),
+                               out=tmp_path / "b", cache=tmp_path / ".cache"))
+    assert b.draft.vocab_size == 256 and b.target.vocab_size == 300
+    target = OnnxLM(b.target, threads=1)
+    draft = ModelDrafter(OnnxLM(b.draft, threads=1), target.entry.vocab_size)
+    proposed = []
+    original = draft.propose
+
+    def spy(*a, **k):
+        p = original(*a, **k)
+        proposed.extend(p.tokens)
+        return p
+
+    draft.propose = spy
+    for prompt in PROMPTS[:6]:
+        ar, _ = run(target, None, prompt, max_new_tokens=30)
+        spec, _ = run(target, draft, prompt, max_new_tokens=30, k=3)
+        assert spec == ar
+    assert proposed and max(proposed) < 256

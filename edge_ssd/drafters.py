@@ -79,9 +79,10 @@ class ModelDrafter:
                 policy: SpecPolicy) -> Proposal:
         if k <= 0 or not policy.model_pays():
             return Proposal([])
+        missing = seq[self.lm.length:]  # the bonus token, or a catch-up after plain rounds
         t0 = time.perf_counter()
-        logits = self.lm.forward(seq[self.lm.length:], keep=1)[0]
-        if policy.costs is not None and len(seq) - self.lm.length == 1:
+        logits = self.lm.forward(missing, keep=1)[0]
+        if policy.costs is not None and len(missing) == 1:  # a one-token step: a draft step's cost
             policy.costs.observe_draft(time.perf_counter() - t0)
         vmax = self.target_vocab
         tokens, qs, confs = [], [], []
@@ -118,14 +119,20 @@ class NgramDrafter:
         if not 1 <= n_min <= n_max:
             raise ValueError(f"need 1 <= ngram min <= max, got {n_min}, {n_max}")
         self.n_max, self.n_min = n_max, n_min
-        self.arr = np.empty(0, np.int64)
+        self.arr = np.empty(0, np.int64)  # the committed sequence, grown in place
+        self.n = 0
 
     def start(self, prompt: list) -> None:
-        self.arr = np.asarray(prompt, np.int64)
+        self.arr = np.empty(max(256, 2 * len(prompt)), np.int64)
+        self.arr[: len(prompt)] = prompt
+        self.n = len(prompt)
 
     def lookup(self, seq: list, k: int) -> list:
-        if len(seq) > len(self.arr):  # append only what is new: the sequence only grows
-            self.arr = np.concatenate([self.arr[: len(seq)], np.asarray(seq[len(self.arr):], np.int64)])
+        if len(seq) > len(self.arr):  # amortized growth: no copy of the whole sequence per round
+            self.arr = np.concatenate([self.arr[: self.n], np.empty(len(seq) + len(self.arr), np.int64)])
+        if len(seq) > self.n:  # append only what is new: the committed sequence only grows
+            self.arr[self.n: len(seq)] = seq[self.n:]
+            self.n = len(seq)
         a = self.arr[: len(seq)]
         for n in range(min(self.n_max, len(a) - 1), self.n_min - 1, -1):
             tail = a[-n:]

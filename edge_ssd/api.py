@@ -23,10 +23,11 @@ from typing import Callable, Iterator, Optional, Sequence
 from .bundle import STAMP_CACHE, Bundle, load_bundle
 from .costs import StepCosts, cached_calibration
 from .decode import K_LIMIT, DecodeConfig, decode
-from .drafters import AutoDrafter, Drafter, ModelDrafter, NgramDrafter, ParallelDrafter
+from .drafters import AutoDrafter, Drafter, ModelDrafter, NgramDrafter
 from .errors import BundleError, RequestError
 from .governor import Governor, Reading, read_memory
 from .model import OnnxLM
+from .parallel import DEFAULT_FANOUT, ParallelDrafter
 from .providers import resolve
 from .sampling import SamplingParams
 from .stats import Stats
@@ -37,6 +38,7 @@ log = logging.getLogger("edge_ssd")
 MODES = ("ar", "spec", "parallel")
 DEFAULT_CONTEXT = 4096
 DRAFTERS = ("model", "ngram", "auto")
+FANOUT_LIMIT = 16
 
 
 @dataclass
@@ -70,8 +72,9 @@ class Stream:
 class EngineOptions:
     provider: str = "auto"
     strict_provider: bool = False
-    threads: Optional[int] = None        # target; default: all cores
-    draft_threads: Optional[int] = None  # default: same as target (sequential speculation)
+    threads: Optional[int] = None        # target; default: see placement()
+    draft_threads: Optional[int] = None  # default: see placement()
+    parallel: bool = False               # placement for --mode parallel (the draft gets cores of its own)
     draft_provider: Optional[str] = None  # default: same as target; e.g. cpu beside a cuda target
     max_context: Optional[int] = None    # default: DEFAULT_CONTEXT, within the memory budget
     exact: bool = False
@@ -94,22 +97,21 @@ class Engine:
         reader = self.governor.reader
         use_draft = bundle.draft is not None and options.load_draft
         rss0 = reader().rss
-        self.target = OnnxLM(bundle.target, self.provider, options.threads or cores,
-                             min_rows=min_rows, allocate=False)
+        draft_provider = resolve(options.draft_provider, options.strict_provider) \
+            if options.draft_provider else self.provider
+        threads, draft_threads = placement(cores, self.provider, draft_provider, options)
+        self.target = OnnxLM(bundle.target, self.provider, threads, min_rows=min_rows, allocate=False)
         rss1 = reader().rss
         weights = {"target": max(rss1 - rss0, bundle.target.weight_bytes // 2)}
         kv = {"target": bundle.target.kv_bytes_per_token}
         self.draft: Optional[OnnxLM] = None
         if use_draft:
-            draft_provider = resolve(options.draft_provider, options.strict_provider) \
-                if options.draft_provider else self.provider
-            self.draft = OnnxLM(bundle.draft, draft_provider, options.draft_threads or options.threads or cores,
-                                allocate=False)
+            self.draft = OnnxLM(bundle.draft, draft_provider, draft_threads, allocate=False)
             weights["draft"] = max(reader().rss - rss1, bundle.draft.weight_bytes // 2)
             kv["draft"] = bundle.draft.kv_bytes_per_token
         self.plan = self.governor.plan(weights, kv, bundle.target.vocab_size,
                                        options.max_context or DEFAULT_CONTEXT, K_LIMIT, bundle.target.max_context,
-                                       bundle.target.quant.get("weights", ""))
+                                       bundle.target.quant.get("weights", ""), DEFAULT_FANOUT if use_draft else 0)
         if not self.plan.use_draft:
             self._drop_draft()
         self.target.allocate(self.plan.max_context)
@@ -121,7 +123,7 @@ class Engine:
         self.learned: dict = {}  # acceptance estimates carried from request to request
         key = {"bundle": bundle.manifest["models"]["target"]["files"][-1]["sha256"],
                "draft": (bundle.manifest["models"].get("draft") or {}).get("files", [{}])[-1].get("sha256"),
-               "provider": self.provider, "threads": [options.threads, options.draft_threads, cores],
+               "provider": self.provider, "threads": [threads, draft_threads, cores],
                "exact": options.exact, "draft_loaded": self.draft is not None}
         self.costs: StepCosts = cached_calibration(key, self.target, self.draft, STAMP_CACHE.parent)
 
@@ -140,9 +142,14 @@ class Engine:
         threads together, `parallel` runs sequentially (measured on 2 cores: 0.74x of `ar`,
         against 1.2x for sequential speculation)."""
         both_cpu = self.target.device == "cpu" and self.draft is not None and self.draft.device == "cpu"
-        threads = self.target.session.get_session_options().intra_op_num_threads + \
-            (self.draft.session.get_session_options().intra_op_num_threads if self.draft else 0)
-        return not (both_cpu and (os.cpu_count() or 1) < threads)
+        return not (both_cpu and (os.cpu_count() or 1) < sum(self.threads().values()))
+
+    def threads(self) -> dict:
+        """Intra-op threads of each session, as placed."""
+        out = {"target": self.target.session.get_session_options().intra_op_num_threads}
+        if self.draft is not None:
+            out["draft"] = self.draft.session.get_session_options().intra_op_num_threads
+        return out
 
     def _drop_draft(self) -> None:
         """Free the draft model (weights and cache): plain target decoding from now on."""
@@ -155,7 +162,7 @@ class Engine:
             out["draft"] = self.draft.providers_used
         return out
 
-    def _drafter(self, mode: str, drafter: str) -> Optional[Drafter]:
+    def _drafter(self, mode: str, drafter: str, fanout: int = DEFAULT_FANOUT) -> Optional[Drafter]:
         if mode not in MODES:
             raise RequestError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if drafter not in DRAFTERS:
@@ -166,8 +173,10 @@ class Engine:
         if mode == "parallel":
             if model is None:
                 raise RequestError("mode parallel needs a draft model, and this bundle (or engine) has none")
+            if not isinstance(fanout, int) or isinstance(fanout, bool) or not 0 <= fanout <= FANOUT_LIMIT:
+                raise RequestError(f"fanout must be an integer in [0, {FANOUT_LIMIT}], got {fanout!r}")
             if self.parallel_pays():
-                model = ParallelDrafter(model, self._pool)
+                model = ParallelDrafter(model, self._pool, fanout)
         if drafter == "model":
             if model is None:
                 raise RequestError("drafter 'model' needs a draft model, and this bundle (or engine) has none")
@@ -177,13 +186,13 @@ class Engine:
         return AutoDrafter(model, NgramDrafter(), self.learned)
 
     def _prepare(self, prompt, messages, raw, mode, drafter, k, k_min, k_max, max_new_tokens, temperature,
-                 top_p, top_k, seed):
+                 top_p, top_k, seed, fanout):
         sp = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         if k == "auto":
             k = None
         cfg = DecodeConfig(max_new_tokens=max_new_tokens, k=k, k_min=k_min, k_max=k_max, sampling=sp,
                            eos_ids=self.tokenizer.eos_ids)
-        d = self._drafter(mode, drafter)
+        d = self._drafter(mode, drafter, fanout)
         ids = build_prompt(self.tokenizer, prompt, messages, raw)
         if len(ids) + 1 > self.max_context:
             raise RequestError(f"the prompt has {len(ids)} tokens; the context limit is {self.max_context}")
@@ -192,16 +201,19 @@ class Engine:
     def stream(self, prompt: Optional[str] = None, *, messages: Optional[list] = None, raw: bool = False,
                mode: str = "spec", drafter: str = "auto", k: "int | str | None" = "auto", k_min: int = 0,
                k_max: int = 8, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: Optional[int] = None, stop: Sequence[str] = ()) -> Stream:
+               top_k: int = 0, seed: Optional[int] = None, stop: Sequence[str] = (),
+               fanout: int = DEFAULT_FANOUT) -> Stream:
         """Start a request; iterate the returned Stream for text. Parameters are checked here.
 
         mode: "spec" (speculative), "parallel" (speculative, drafting the next round while the
         target verifies) or "ar" (target alone). drafter: "model", "ngram" (prompt
         lookup) or "auto" (per round, whichever is expected to pay). k: tokens drafted per
         round, or "auto" to choose per round from measured costs within [k_min, k_max].
+        fanout (parallel mode): verification outcomes pre-drafted per round; 1 is PEARL's
+        "assume all accepted", 0 turns pre-drafting off.
         """
         ids, cfg, drafter = self._prepare(prompt, messages, raw, mode, drafter, k, k_min, k_max,
-                                          max_new_tokens, temperature, top_p, top_k, seed)
+                                          max_new_tokens, temperature, top_p, top_k, seed, fanout)
         text = TextStream(self.tokenizer, stop)
         stream = Stream(iter(()))
         handoff = [drafter]  # the decode loop takes the only reference: dropping the draft frees it
@@ -244,6 +256,24 @@ class Engine:
             pass
         assert s.result is not None
         return s.result
+
+
+def placement(cores: int, provider: str, draft_provider: str, options: EngineOptions) -> tuple:
+    """Threads for (target, draft); explicit options win.
+
+    Sequential speculation runs one model at a time, so each gets every core. For `parallel`
+    the draft runs beside verification: with both on the CPU and at least 4 cores, the draft
+    gets a quarter of them and the target the rest; with fewer cores, splitting starves the
+    target (measured on 2 cores), so both keep every core and `parallel` runs sequentially
+    (Engine.parallel_pays). A draft on the CPU beside a GPU target has the CPU to itself.
+    """
+    draft_share = max(1, cores // 4)
+    split = options.parallel and provider == draft_provider == "cpu" and cores >= 4
+    threads = options.threads or (cores - draft_share if split else cores)
+    draft_threads = options.draft_threads or (draft_share if split else
+                                              options.threads if draft_provider == provider and options.threads
+                                              else cores)
+    return threads, draft_threads
 
 
 def _check_exact_possible(bundle: Bundle) -> None:

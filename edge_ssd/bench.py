@@ -92,8 +92,8 @@ def parse_mode(spec: str) -> dict:
     kw: dict = {"mode": name}
     for o in opts:
         key, sep, val = o.partition("=")
-        if not sep or key not in ("k", "drafter", "k_min", "k_max"):
-            raise EdgeSSDError(f"bad mode option {o!r} in {spec!r} (use k=, drafter=, k_min=, k_max=)")
+        if not sep or key not in ("k", "drafter", "k_min", "k_max", "fanout"):
+            raise EdgeSSDError(f"bad mode option {o!r} in {spec!r} (use k=, drafter=, k_min=, k_max=, fanout=)")
         kw[key] = val if key == "drafter" or val == "auto" else int(val)
     return kw
 

@@ -45,6 +45,9 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=k_arg, default="auto", help="draft tokens per round, or auto (default)")
     p.add_argument("--k-min", type=int, default=0, help="auto K lower bound (0 allows plain steps)")
     p.add_argument("--k-max", type=int, default=8, help="auto K upper bound")
+    p.add_argument("--fanout", type=int, default=4,
+                   help="parallel mode: verification outcomes pre-drafted per round (0: none, 1: PEARL's "
+                        "all-accepted guess)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -94,14 +97,14 @@ def _engine(args):
 
     return Engine.load(args.bundle, provider=args.provider, strict_provider=args.strict_provider,
                        threads=args.threads, draft_threads=args.draft_threads, max_context=args.max_context,
-                       draft_provider=args.draft_provider,
+                       draft_provider=args.draft_provider, parallel=getattr(args, "mode", "") == "parallel",
                        exact=args.exact, verify=args.verify, memory_budget=args.memory_budget)
 
 
 def _gen_kwargs(args, overrides: Optional[dict] = None) -> dict:
     kw = dict(mode=args.mode, drafter=args.drafter, k=args.k, k_min=args.k_min, k_max=args.k_max,
               max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-              top_k=args.top_k, seed=args.seed, stop=args.stop, raw=args.raw)
+              top_k=args.top_k, seed=args.seed, stop=args.stop, raw=args.raw, fanout=args.fanout)
     for key, val in (overrides or {}).items():
         if key in ("prompt", "messages", "id"):
             continue

@@ -110,7 +110,7 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
                 return
             k = policy.budget(min(room, cfg.max_new_tokens - produced - 1)) if policy else 0
             if governor is not None:
-                act = governor.check(k, drafter is not None)
+                act = governor.check(k, drafter is not None, getattr(drafter, "fanout", 0))
                 if act != "ok":
                     stats.memory_events.append(act)
                 if act == "abort":
@@ -137,8 +137,8 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
                 stats.record_round(0, 0)
                 continue
             k = len(prop.tokens)
-            if hasattr(drafter, "overlap"):  # parallel mode: draft the next round meanwhile
-                drafter.overlap(seq, prop, sp, policy.budget(room - k))
+            if hasattr(drafter, "overlap"):  # parallel mode: pre-draft the next round meanwhile
+                drafter.overlap(seq, prop, sp, policy, room - k, rng, governor.fanout_cap if governor else None)
             logits = target.forward([seq[-1]] + prop.tokens, keep=k + 1)
             if sp.greedy:
                 n, bonus = accept_greedy(logits, prop.tokens)

@@ -9,13 +9,12 @@ as a point mass. `commit(n)` tells it that only the first n tokens of what it sa
   the text so far; what followed them is proposed. Costs microseconds and wins on
   input-grounded text (summaries, RAG, code edits, extraction).
 * AutoDrafter: per round, the proposal with the better expected payoff.
-* ParallelDrafter: wraps a ModelDrafter and drafts the next round while the target verifies.
+* ParallelDrafter (parallel.py): wraps a ModelDrafter and drafts the next round while the
+  target verifies.
 """
 from __future__ import annotations
 
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
@@ -32,6 +31,7 @@ class Proposal:
     q: Optional[np.ndarray] = None    # [len(tokens), target vocab] float32, or None: deterministic
     conf: list = field(default_factory=list)  # the model draft's confidence per token
     source: str = "model"
+    rows: Optional[np.ndarray] = None  # the draft's logits at each proposed position, if kept
 
 
 class Drafter(Protocol):
@@ -69,6 +69,7 @@ class ModelDrafter:
     def __init__(self, lm: OnnxLM, target_vocab: int):
         self.lm = lm
         self.target_vocab = target_vocab
+        self.keep_rows = False  # parallel mode reads the draft's candidates from each row
 
     def start(self, prompt: list) -> None:
         """Prefill the draft's cache with the prompt (part of the request's prefill time)."""
@@ -85,8 +86,10 @@ class ModelDrafter:
         if policy.costs is not None and len(missing) == 1:  # a one-token step: a draft step's cost
             policy.costs.observe_draft(time.perf_counter() - t0)
         vmax = self.target_vocab
-        tokens, qs, confs = [], [], []
+        tokens, qs, confs, rows = [], [], [], []
         while True:
+            if self.keep_rows:
+                rows.append(logits.copy())
             if sp.greedy:
                 t = int(np.argmax(logits[:vmax]))
                 confs.append(_top1_prob(logits[:vmax], t))
@@ -102,7 +105,7 @@ class ModelDrafter:
             logits = self.lm.forward([t])[0]
             if policy.costs is not None:
                 policy.costs.observe_draft(time.perf_counter() - t0)
-        return Proposal(tokens, np.stack(qs) if qs else None, confs, "model")
+        return Proposal(tokens, np.stack(qs) if qs else None, confs, "model", np.stack(rows) if rows else None)
 
     def commit(self, n_valid: int) -> None:
         self.lm.truncate(n_valid)
@@ -161,8 +164,9 @@ class AutoDrafter:
     taken whenever that beats a plain step; the draft model drafts the rounds without a paying
     match. (Weighing a match against the model's expected rate instead left `auto` 6-9% behind
     n-gram alone on summarization, extraction and translation, 0-5% after this change: that
-    rate leaves out the draft cache's catch-up after long n-gram runs.) A match passed over several times is tried anyway (two tokens), so a bad
-    start is not final. With no draft model this is the `ngram` drafter.
+    rate leaves out the draft cache's catch-up after long n-gram runs.) A match passed over
+    several times is tried anyway (two tokens), so a bad start is not final. With no draft
+    model this is the `ngram` drafter.
     """
 
     PROBE_AFTER = 6
@@ -211,13 +215,17 @@ class AutoDrafter:
         self._last = prop
         return prop
 
-    def overlap(self, seq: list, prop: Proposal, sp: SamplingParams, depth: int) -> None:
+    def overlap(self, *args, **kwargs) -> None:
         if hasattr(self.model, "overlap"):
-            self.model.overlap(seq, prop, sp, depth)
+            self.model.overlap(*args, **kwargs)
 
     @property
     def concurrent(self) -> bool:
         return getattr(self.model, "concurrent", False)
+
+    @property
+    def fanout(self) -> int:
+        return getattr(self.model, "fanout", 0)
 
     def commit(self, n_valid: int) -> None:
         if self.model is not None:
@@ -229,107 +237,3 @@ class AutoDrafter:
             w = min(1.0, 6.0 / self.tested)
             self.learned["ngram"] = (self.hits * w, self.tested * w)
         self._last = None
-
-
-class ParallelDrafter:
-    """Draft while the target verifies (PEARL's post-verify; the idea behind "SSD").
-
-    While the target checks round T, a background thread assumes every proposal will be
-    accepted and keeps drafting from the last one: first a guess of the target's bonus token,
-    then the tokens after it. If the round is fully accepted and the bonus equals the guess,
-    round T+1's proposal is (being) drafted already: its drafting hid behind verification.
-    Otherwise the guess is dropped and the draft cache rolled back, as after any partial
-    accept. Greedy only: under sampling the wrapped drafter runs sequentially (a pre-drawn
-    sample would need its q kept per outcome; not implemented).
-    """
-
-    def __init__(self, model: ModelDrafter, pool: ThreadPoolExecutor):
-        self.model = model
-        self.pool = pool  # one worker, owned by the engine
-        self.halt = threading.Event()
-        self.future: Optional[Future] = None
-        self.bonus: Optional[int] = None  # the target's real bonus token, once known
-        self.guess: list = []       # [bonus guess, e1, e2, ...]
-        self.guess_conf: list = []
-        self.after = -1             # len(seq) + K of the round the guess continues
-        self.hits = self.misses = 0
-        self.hidden_s = 0.0
-
-    def start(self, prompt: list) -> None:
-        self._stop()
-        self.model.start(prompt)
-
-    def _join(self) -> None:
-        if self.future is not None:
-            self.hidden_s += self.future.result()
-            self.future = None
-
-    def _stop(self) -> None:
-        self.halt.set()
-        self._join()
-        self.guess, self.after = [], -1
-
-    def _run_ahead(self, last: int, depth: int, vmax: int) -> float:
-        t0 = time.perf_counter()
-        lm, tok = self.model.lm, last
-        for _ in range(depth + 1):
-            logits = lm.forward([tok])[0]
-            tok = int(np.argmax(logits[:vmax]))
-            self.guess.append(tok)
-            self.guess_conf.append(_top1_prob(logits[:vmax], tok))
-            if self.halt.is_set() or (self.bonus is not None and self.guess[0] != self.bonus):
-                break
-        return time.perf_counter() - t0
-
-    def overlap(self, seq: list, prop: Proposal, sp: SamplingParams, depth: int) -> None:
-        """Called just before the target verifies `prop`: start drafting the next round."""
-        self._stop()
-        if not sp.greedy or not prop.tokens or prop.source != "model" or depth <= 0:
-            return
-        self.guess_conf, self.bonus, self.after = [], None, len(seq) + len(prop.tokens)
-        self.halt.clear()
-        self.future = self.pool.submit(self._run_ahead, prop.tokens[-1], depth, self.model.target_vocab)
-
-    def propose(self, seq: list, k: int, sp: SamplingParams, rng: np.random.Generator,
-                policy: SpecPolicy) -> Proposal:
-        if self.future is not None and len(seq) == self.after + 1:
-            self.bonus = seq[-1]   # lets the worker stop at once on a wrong guess
-            self._join()
-        g = self.guess
-        if len(seq) == self.after + 1 and len(g) > 1 and seq[-1] == g[0] and k > 0:
-            self.hits += 1
-            conf = self.guess_conf[1:1 + k]
-            n = 1
-            while n < len(conf) and policy.keep_drafting(conf[:n]):  # the same confidence stop
-                n += 1
-            tokens, conf = g[1:1 + n], conf[:n]
-            self.model.lm.truncate(len(seq) + len(tokens) - 1)
-            self.guess, self.after = [], -1
-            return Proposal(tokens, None, conf, "model")
-        if self.after >= 0:  # the guess missed: keep only the accepted proposals in the cache
-            self.misses += 1
-            after = self.after
-            self._stop()
-            self.model.lm.truncate(after)
-        return self.model.propose(seq, k, sp, rng, policy)
-
-    def commit(self, n_valid: int) -> None:
-        if n_valid == self.after:  # all accepted: the guess may hit; the worker keeps going
-            return
-        self._stop()
-        self.model.commit(n_valid)
-
-    def release(self) -> None:
-        self._stop()
-        self.model.release()
-
-    def parallel_stats(self) -> dict:
-        self._stop()
-        return {"hits": self.hits, "misses": self.misses, "hidden_s": round(self.hidden_s, 4),
-                "hit_rate": round(self.hits / max(1, self.hits + self.misses), 4)}
-
-    @property
-    def target_vocab(self) -> int:
-        return self.model.target_vocab
-
-    concurrent = True  # drafting overlaps verification

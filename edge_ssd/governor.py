@@ -5,12 +5,14 @@ growth while the session is created: arenas and prepacked weights included), the
 static KV caches and the K ceiling to the budget:
 
     budget >= weights(target) + weights(draft) + context x (kv/token target + kv/token draft)
-              + (K_max + 1) x vocab x 4 B x 3 (logits and probability rows) + margin
+              + (K_max + 1) x vocab x 4 B x (3 + fan-out) (logits, probability rows, and the
+                q rows of parallel mode's branches) + margin
 
 and refuses, with a suggestion, when even the minimum context does not fit. Between rounds it
-re-reads available memory: under pressure it lowers K, then drops the draft (plain target
-decoding; the draft's weights and cache are freed), and as a last resort ends the request with
-the text so far and an error, before the operating system would kill the process.
+re-reads available memory: under pressure it lowers parallel mode's fan-out, then K, then
+drops the draft (plain target decoding; the draft's weights and cache are freed), and as a
+last resort ends the request with the text so far and an error, before the operating system
+would kill the process.
 
 Readings come from `psutil` through one function that tests replace, so every branch can be
 driven without starving the machine.
@@ -107,14 +109,16 @@ class Governor:
             int(first.rss + DEFAULT_SHARE * first.available)
         self.margin = margin
         self.k_cap: Optional[int] = None      # lowered under pressure
+        self.fanout_cap: Optional[int] = None  # parallel mode's branches per round, lowered under pressure
         self.events: list = []
 
     # -- load -------------------------------------------------------------------------------
     def plan(self, weights: dict, kv_per_token: dict, vocab: int, want_context: int, want_k: int,
-             model_max_context: int, target_quant: str = "") -> Plan:
+             model_max_context: int, target_quant: str = "", fanout: int = 0) -> Plan:
         """Largest context (and K) that fit; drop the draft if only the target fits; else refuse."""
         fixed = self.base_rss + self.margin
-        logits = lambda k: (k + 1) * vocab * 4 * 3  # noqa: E731
+        # logits and probability rows, plus parallel mode's branches (q rows when sampling)
+        logits = lambda k: (k + 1) * vocab * 4 * (3 + (fanout if k else 0))  # noqa: E731
         for use_draft in ((True, False) if "draft" in weights else (False,)):
             roles = ["target"] + (["draft"] if use_draft else [])
             w = sum(weights[r] for r in roles)
@@ -136,14 +140,22 @@ class Governor:
         )
 
     # -- between rounds -----------------------------------------------------------------------
-    def check(self, k: int, have_draft: bool) -> str:
-        """'ok', 'lower_k', 'drop_draft' or 'abort', from a fresh reading."""
+    def check(self, k: int, have_draft: bool, fanout: int = 0) -> str:
+        """'ok', 'lower_fanout', 'lower_k', 'drop_draft' or 'abort', from a fresh reading.
+
+        Cheapest loss first: parallel mode's pre-drafted branches (each holds up to K rows of
+        q when sampling), then K, then the draft model, then the request.
+        """
         r = self.reader()
         over = r.rss > self.budget
         low = r.available < 2 * self.margin
         critical = r.available < self.margin // 2
         if not (over or low):
             return "ok"
+        cap = fanout if self.fanout_cap is None else min(fanout, self.fanout_cap)
+        if have_draft and not critical and cap > 0:
+            self.fanout_cap = cap // 2
+            return self._event("lower_fanout", r)
         if have_draft and not critical and k > 1 and (self.k_cap is None or self.k_cap > 1):
             self.k_cap = max(1, k // 2)
             return self._event("lower_k", r)
@@ -152,7 +164,8 @@ class Governor:
         return self._event("abort", r) if (over or critical) else "ok"
 
     def _event(self, what: str, r: Reading) -> str:
-        self.events.append({"action": what, "available": r.available, "rss": r.rss, "k_cap": self.k_cap})
+        self.events.append({"action": what, "available": r.available, "rss": r.rss, "k_cap": self.k_cap,
+                            "fanout_cap": self.fanout_cap})
         return what
 
     def abort_message(self) -> str:

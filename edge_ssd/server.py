@@ -179,6 +179,7 @@ _EXTRA_TYPES = {
     "k": (lambda v: _is_int(v) or v == "auto", "an integer or \"auto\""),
     "k_min": (_is_int, "an integer"),
     "k_max": (_is_int, "an integer"),
+    "fanout": (_is_int, "an integer"),
 }
 _NOT_EXTRA = {"prompt", "messages", "raw", "max_new_tokens", "temperature", "top_p", "seed", "stop", "self"}
 

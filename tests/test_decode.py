@@ -163,26 +163,6 @@ def test_auto_k_adapts_to_acceptance(fp32_bundle):
     assert stats.k_chosen.count(0) > len(stats.k_chosen) // 2   # mostly plain steps: drafting cannot pay
 
 
-def test_parallel_mode_is_lossless_and_hits(fp32_bundle):
-    """Drafting the next round during verification changes nothing in the output."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from edge_ssd.drafters import ParallelDrafter
-
-    target = OnnxLM(fp32_bundle.target, threads=1)
-    pool = ThreadPoolExecutor(1)
-    for draft_entry, expect_hits in ((fp32_bundle.target, True), (fp32_bundle.draft, False)):
-        par = ParallelDrafter(ModelDrafter(OnnxLM(draft_entry, threads=1), 300), pool)
-        for prompt in PROMPTS[:6]:
-            ar, _ = run(target, None, prompt, max_new_tokens=40)
-            for k in (1, 3, 5):
-                spec, st = run(target, par, prompt, max_new_tokens=40, k=k)
-                assert spec == ar, (k, prompt)
-        if expect_hits:  # a perfect draft: every round fully accepted, guesses right when the background thread got ahead in time
-            assert par.hits > 5 and st.parallel["hits"] > 0
-    pool.shutdown()
-
-
 def test_acceptance_estimates_carry_over_between_requests(fp32_bundle):
     from edge_ssd.costs import StepCosts
 
@@ -195,36 +175,6 @@ def test_acceptance_estimates_carry_over_between_requests(fp32_bundle):
     assert len(out) == 30
     hits, seen = learned["rate"]
     assert hits / seen > 0.9 and seen <= 8.0 + 1e-9   # a perfect draft, scaled to a light prior
-
-
-def test_parallel_survives_plain_rounds_between_drafts(fp32_bundle):
-    """Plain rounds (K = 0) between drafted ones: the stale guess is dropped, output stays exact."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from edge_ssd.drafters import ParallelDrafter
-    from edge_ssd.policy import SpecPolicy
-
-    class Alternating(SpecPolicy):  # draft 3, then a plain round, and again
-        def budget(self, room):
-            self.n = getattr(self, "n", 0) + 1
-            return min(3, room) if self.n % 2 else 0
-
-    import edge_ssd.decode as dec
-
-    target = OnnxLM(fp32_bundle.target, threads=1)
-    pool = ThreadPoolExecutor(1)
-    par = ParallelDrafter(ModelDrafter(OnnxLM(fp32_bundle.draft, threads=1), 300), pool)
-    original = dec.SpecPolicy
-    dec.SpecPolicy = Alternating
-    try:
-        for prompt in PROMPTS[:6]:
-            ar, _ = run(target, None, prompt, max_new_tokens=40)
-            spec, st = run(target, par, prompt, max_new_tokens=40, k=3)
-            assert spec == ar
-            assert 0 in st.k_chosen and 3 in st.k_chosen
-    finally:
-        dec.SpecPolicy = original
-        pool.shutdown()
 
 
 def test_pruned_draft_vocabulary_stays_lossless(tiny_sources, tmp_path):

@@ -1,0 +1,196 @@
+"""Parallel speculation (the Saguaro-style speculation cache) stays lossless and really hits."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from test_decode import PROMPTS, run
+from test_sampling import chi2_pvalue, exact_joint
+
+from edge_ssd.api import Engine, EngineOptions, placement
+from edge_ssd.decode import DecodeConfig, decode
+from edge_ssd.drafters import AutoDrafter, ModelDrafter, NgramDrafter
+from edge_ssd.governor import Reading
+from edge_ssd.model import OnnxLM
+from edge_ssd.parallel import ParallelDrafter
+from edge_ssd.sampling import SamplingParams
+from edge_ssd.stats import Stats
+
+GiB, MiB = 1 << 30, 1 << 20
+SHARP = SamplingParams(temperature=2.0, top_k=2)  # 2^5 outcomes of 5 tokens: enough samples per cell
+
+
+@pytest.fixture(scope="module")
+def pool():
+    p = ThreadPoolExecutor(1)
+    yield p
+    p.shutdown()
+
+
+@pytest.fixture(scope="module")
+def target(fp32_bundle):
+    return OnnxLM(fp32_bundle.target, threads=1)
+
+
+@pytest.fixture(scope="module")
+def near_draft(tiny_sources, tmp_path_factory):
+    """A draft closer to the target than the shared noisy one (noise 0.03, not 0.35): under
+    sampling its guesses of the target's bonus token hit often enough to test the cache."""
+    from conftest import export_bundle
+    from tiny import make_model
+
+    root = tmp_path_factory.mktemp("near")
+    near = make_model(root / "near-draft", noise_from=tiny_sources["target"], noise=0.03, seed=4)
+    return export_bundle({**tiny_sources, "draft": near}, root / "pair").draft
+
+
+def parallel(entry, pool, fanout=4, wait_all=False, vocab=300):
+    return ParallelDrafter(ModelDrafter(OnnxLM(entry, threads=1), vocab), pool, fanout, wait_all)
+
+
+@pytest.mark.parametrize("fanout,wait_all", [(1, False), (4, False), (4, True), (0, True)])
+def test_greedy_parallel_equals_ar(fp32_bundle, target, pool, fanout, wait_all):
+    par = parallel(fp32_bundle.draft, pool, fanout, wait_all)
+    for prompt in PROMPTS[:8]:
+        ar, _ = run(target, None, prompt, max_new_tokens=40)
+        for k in (1, 3, 5):
+            out, st = run(target, par, prompt, max_new_tokens=40, k=k)
+            assert out == ar, (fanout, k, prompt)
+    s = par.parallel_stats()
+    if fanout == 0:
+        assert s["hits"] == 0 and s["branches"] == 0
+    elif wait_all:  # every fan-out ran to the end: hits do not depend on timing
+        assert s["hits"] > 20 and s["rejection_hits"] > 0, s  # outcomes beyond "all accepted" hit too
+        assert s["mean_fanout"] > 1
+
+
+def test_perfect_draft_hits_once_acceptance_is_learned(fp32_bundle, target, pool):
+    """A draft identical to the target is always fully accepted. Its acceptance is learned from
+    a prior centred on the tiny model's low confidence, so early rounds fan out to rejection
+    outcomes; once learned, the all-accepted branch leads and hits."""
+    par = parallel(fp32_bundle.target, pool, fanout=2, wait_all=True)
+    ar, _ = run(target, None, PROMPTS[2], max_new_tokens=200)
+    out, st = run(target, par, PROMPTS[2], max_new_tokens=200, k=4)
+    assert out == ar and st.acceptance_rate > 0.95  # < 1: branch rows are computed in other groupings
+    late = par.trace[len(par.trace) // 2:]
+    assert len(late) >= 15 and sum(rank >= 0 for _, rank, _ in late) >= 0.8 * len(late), par.trace
+    assert st.parallel["hidden_s"] > 0
+
+
+def test_parallel_with_auto_k_ngram_and_plain_rounds(fp32_bundle, target, pool):
+    """Auto K (plain K=0 rounds included) and n-gram proposals between model rounds: still exact."""
+    from edge_ssd.costs import StepCosts
+
+    costs = StepCosts(draft_step=0.004, verify={1: 0.010, 2: 0.012, 3: 0.014, 5: 0.018, 9: 0.026})
+    par = parallel(fp32_bundle.draft, pool, fanout=3, wait_all=True)
+    auto = AutoDrafter(par, NgramDrafter(), {})
+    sources, ks = set(), []
+    for prompt in PROMPTS + [[5, 6, 7, 8] * 6]:
+        ar, _ = run(target, None, prompt, max_new_tokens=50)
+        st = Stats("parallel")
+        out = [t for c in decode(target, auto, prompt, DecodeConfig(max_new_tokens=50, k=None), st, costs)
+               for t in c]
+        assert out == ar, prompt
+        sources |= set(st.sources)
+        ks += st.k_chosen
+    assert "ngram" in sources and "model" in sources and 0 in ks and max(ks) > 1
+
+
+def test_context_limit_inside_branches(fp32_bundle, target, pool):
+    """Branches near the end of a short cache stop at its edge; the request ends cleanly."""
+    small_t = OnnxLM(fp32_bundle.target, threads=1, max_context=48)
+    par = ParallelDrafter(ModelDrafter(OnnxLM(fp32_bundle.draft, threads=1, max_context=48), 300), pool, 4, True)
+    prompt = PROMPTS[2]  # 30 tokens
+    ar, ar_st = run(small_t, None, prompt, max_new_tokens=100)
+    out, st = run(small_t, par, prompt, max_new_tokens=100, k=5)
+    assert out == ar and st.finish_reason == ar_st.finish_reason == "context"
+
+
+def parallel_samples(target, drafter, prompt, sp, n_tokens, runs, k):
+    counts: dict = {}
+    for seed in range(runs):
+        cfg = DecodeConfig(max_new_tokens=n_tokens, k=k, sampling=SamplingParams(
+            temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, seed=seed))
+        out = tuple(t for chunk in decode(target, drafter, prompt, cfg, Stats("parallel")) for t in chunk)
+        counts[out] = counts.get(out, 0) + 1
+    return counts
+
+
+def joint_test(target, drafter, sp, runs=2500) -> float:
+    """p-value of 5 sampled tokens (a prefill token, then K=1 rounds that use the cache) vs exact."""
+    prompt = [40, 41, 42, 43]
+    joint = exact_joint(target, prompt, sp, 5)
+    counts = parallel_samples(target, drafter, prompt, sp, 5, runs, k=1)
+    keys = sorted(set(joint) | set(counts))
+    obs = np.array([counts.get(key, 0) for key in keys], float)
+    exp = np.array([joint.get(key, 1e-12) for key in keys])
+    return chi2_pvalue(obs, exp / exp.sum())
+
+
+def test_parallel_sampling_matches_target_joint(near_draft, target, pool):
+    """Sampled branches are valid proposals for their outcome: the joint law is the target's."""
+    par = parallel(near_draft, pool, fanout=4, wait_all=True)
+    assert joint_test(target, par, SHARP) > 1e-3
+    s = par.parallel_stats()
+    assert s["hits"] > 1000 and s["rejection_hits"] > 10, s   # the cache really served proposals
+
+
+def test_parallel_sampling_test_catches_a_biased_branch(near_draft, target, pool, monkeypatch):
+    """Branches that draw the likeliest token while claiming q: the same test must reject."""
+    monkeypatch.setattr("edge_ssd.parallel.sample", lambda p, rng: int(np.argmax(p)))
+    par = parallel(near_draft, pool, fanout=4, wait_all=True)
+    assert joint_test(target, par, SHARP) < 1e-6
+
+
+def test_governor_lowers_fanout_before_k(fp32_bundle):
+    """Under memory pressure the fan-out goes first (halved, then off), then K, then the draft."""
+    calm = [0]
+
+    def reader():
+        calm[0] += 1
+        return Reading(8 * GiB, 200 * MiB) if calm[0] <= 8 else Reading(100 * MiB, 200 * MiB)
+
+    e = Engine.load(fp32_bundle.path, provider="cpu", threads=1, draft_threads=1, memory_reader=reader,
+                    memory_budget="4GiB")
+    ref = Engine.load(fp32_bundle.path, provider="cpu", threads=1).generate("def add", raw=True, mode="ar",
+                                                                            max_new_tokens=40)
+    if not e.parallel_pays():
+        pytest.skip("one core: parallel runs sequentially here")
+    r = e.generate("def add", raw=True, mode="parallel", drafter="model", k=4, max_new_tokens=40, fanout=4)
+    assert r.token_ids == ref.token_ids and not r.error
+    ev = r.stats["memory_events"]
+    assert ev[:3] == ["lower_fanout"] * 3 and ev[3] == "lower_k" and "drop_draft" in ev, ev
+    caps = [x["fanout_cap"] for x in e.governor.events[:3]]
+    assert caps == [2, 1, 0]
+
+
+def test_plan_reserves_branch_rows(fp32_bundle):
+    from edge_ssd.governor import Governor
+
+    g = Governor("4GiB", lambda: Reading(8 * GiB, 0), margin=0)
+    w, kv = {"target": GiB, "draft": GiB // 2}, {"target": 56 << 10, "draft": 24 << 10}
+    plain = g.plan(w, kv, 151936, 1 << 20, 16, 1 << 20, "int4", fanout=0)
+    fanned = g.plan(w, kv, 151936, 1 << 20, 16, 1 << 20, "int4", fanout=4)
+    rows = 17 * 151936 * 4 * 4  # K_max + 1 rows of q per branch, 4 branches
+    assert plain.max_context - fanned.max_context == pytest.approx(rows / (80 << 10), abs=1)
+
+
+def test_placement_defaults_by_device():
+    par = EngineOptions(parallel=True)
+    assert placement(8, "cpu", "cpu", par) == (6, 2)          # the draft gets cores of its own
+    assert placement(16, "cpu", "cpu", par) == (12, 4)
+    assert placement(2, "cpu", "cpu", par) == (2, 2)          # too few: sequential, every core each
+    assert placement(8, "cpu", "cpu", EngineOptions()) == (8, 8)
+    assert placement(8, "cuda", "cpu", par) == (8, 8)         # GPU target: the CPU is the draft's
+    assert placement(8, "cpu", "cpu", EngineOptions(parallel=True, threads=5, draft_threads=3)) == (5, 3)
+    assert placement(8, "cpu", "cpu", EngineOptions(threads=3)) == (3, 3)
+
+
+def test_bad_fanout_is_a_request_error(fp32_bundle):
+    from edge_ssd.errors import RequestError
+
+    e = Engine.load(fp32_bundle.path, provider="cpu", threads=1, draft_threads=1)
+    for bad in (-1, 17, 2.5, True):
+        with pytest.raises(RequestError, match="fanout"):
+            e.generate("x", raw=True, mode="parallel", fanout=bad, max_new_tokens=2)

@@ -39,6 +39,7 @@ MODES = ("ar", "spec", "parallel")
 DEFAULT_CONTEXT = 4096
 DRAFTERS = ("model", "ngram", "auto")
 FANOUT_LIMIT = 16
+PARALLEL_MIN_VERIFY_STEPS = 2.0   # parallel pays when verify(4 rows) >= this many draft steps
 
 
 @dataclass
@@ -72,9 +73,8 @@ class Stream:
 class EngineOptions:
     provider: str = "auto"
     strict_provider: bool = False
-    threads: Optional[int] = None        # target; default: see placement()
-    draft_threads: Optional[int] = None  # default: see placement()
-    parallel: bool = False               # placement for --mode parallel (the draft gets cores of its own)
+    threads: Optional[int] = None        # target; default: every core (see placement())
+    draft_threads: Optional[int] = None  # default: as target on the same provider, else every core
     draft_provider: Optional[str] = None  # default: same as target; e.g. cpu beside a cuda target
     max_context: Optional[int] = None    # default: DEFAULT_CONTEXT, within the memory budget
     exact: bool = False
@@ -137,12 +137,18 @@ class Engine:
         return self.target.max_context
 
     def parallel_pays(self) -> bool:
-        """Placement check for `parallel`: drafting beside verification only helps when the two
-        do not fight over the same cores. With both models on the CPU and fewer cores than their
-        threads together, `parallel` runs sequentially (measured on 2 cores: 0.74x of `ar`,
-        against 1.2x for sequential speculation)."""
+        """Placement check for `parallel`; when False, `--mode parallel` runs as `spec`.
+
+        Drafting beside verification only helps when the two do not compete: not when both
+        models are on the CPU with fewer cores than their threads together (measured on 2
+        cores: 0.74x of `ar` against 1.2x for `spec`), and not when a verify costs less than
+        about two draft steps (the trace-driven cost model in tools/parallel_bench.py: with
+        the draft's next round rarely ready in time, the extra catch-up forward and the wait
+        for the worker's step on a miss make `parallel` 0.85-0.93x of `spec` at v <= d)."""
         both_cpu = self.target.device == "cpu" and self.draft is not None and self.draft.device == "cpu"
-        return not (both_cpu and (os.cpu_count() or 1) < sum(self.threads().values()))
+        if both_cpu and (os.cpu_count() or 1) < sum(self.threads().values()):
+            return False
+        return self.costs.verify_rows(4) >= PARALLEL_MIN_VERIFY_STEPS * self.costs.draft_step
 
     def threads(self) -> dict:
         """Intra-op threads of each session, as placed."""
@@ -261,17 +267,16 @@ class Engine:
 def placement(cores: int, provider: str, draft_provider: str, options: EngineOptions) -> tuple:
     """Threads for (target, draft); explicit options win.
 
-    Sequential speculation runs one model at a time, so each gets every core. For `parallel`
-    the draft runs beside verification: with both on the CPU and at least 4 cores, the draft
-    gets a quarter of them and the target the rest; with fewer cores, splitting starves the
-    target (measured on 2 cores), so both keep every core and `parallel` runs sequentially
-    (Engine.parallel_pays). A draft on the CPU beside a GPU target has the CPU to itself.
+    Sequential speculation runs one model at a time, so each gets every core. A draft on the
+    CPU beside a GPU target has the CPU to itself. With both models on the CPU, `parallel`
+    keeps this placement too, and so runs as `spec` (Engine.parallel_pays): decoding is
+    memory-bound and both models share one memory bus, so even with a core each, drafting
+    beside verification measured 0.95x of `spec` at the same split and 0.63x of `spec` with
+    every core (docs/benchmarks.md). Split the cores explicitly (--threads T --draft-threads D,
+    T + D <= cores) to run them at once, and measure with tools/parallel_bench.py timing.
     """
-    draft_share = max(1, cores // 4)
-    split = options.parallel and provider == draft_provider == "cpu" and cores >= 4
-    threads = options.threads or (cores - draft_share if split else cores)
-    draft_threads = options.draft_threads or (draft_share if split else
-                                              options.threads if draft_provider == provider and options.threads
+    threads = options.threads or cores
+    draft_threads = options.draft_threads or (options.threads if draft_provider == provider and options.threads
                                               else cores)
     return threads, draft_threads
 

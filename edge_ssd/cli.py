@@ -97,7 +97,7 @@ def _engine(args):
 
     return Engine.load(args.bundle, provider=args.provider, strict_provider=args.strict_provider,
                        threads=args.threads, draft_threads=args.draft_threads, max_context=args.max_context,
-                       draft_provider=args.draft_provider, parallel=getattr(args, "mode", "") == "parallel",
+                       draft_provider=args.draft_provider,
                        exact=args.exact, verify=args.verify, memory_budget=args.memory_budget)
 
 

@@ -134,7 +134,8 @@ class ParallelDrafter:
         self.st = {"rounds": 0, "hits": 0, "partial_hits": 0, "rejection_hits": 0, "misses": 0,
                    "branches": 0, "hidden_s": 0.0, "wait_s": 0.0, "worker_s": 0.0}
         # per lookup, for the cost model (tools/parallel_bench.py): (K of the round verified,
-        # rank of the hit branch or -1, draft forwards until it was ready)
+        # rank of the hit branch or -1, draft forwards until it was ready, K of the new round,
+        # proposals of the verified round the hit branch assumed accepted or -1, its own forwards)
         self.trace: list = []
 
     # -- main thread ---------------------------------------------------------------------------
@@ -164,17 +165,19 @@ class ParallelDrafter:
                 self.st["hidden_s"] += br.seconds
                 order = list(job.branches.values())            # drafting order = score order
                 rank = order.index(br)
-                self.trace.append((job.k_round, rank, job.feed_steps + sum(b.steps for b in order[:rank + 1])))
                 self.gen += 1                            # the worker moves on; nobody waits for it
                 n = min(k, len(br.tokens))
+                ready = job.feed_steps + sum(b.steps for b in order[:rank + 1])
+                self.trace.append((job.k_round, rank, ready, n, br.j, br.steps))
                 prop = Proposal(br.tokens[:n], np.stack(br.q[:n]) if br.q else None, br.conf[:n], "model")
                 self._hit = (prop, br)
                 return prop
             self.st["misses"] += 1
-            self.trace.append((job.k_round, -1, 0))
         self._quiesce()
         self._sync(seq)
         prop = self.model.propose(seq, k, sp, rng, policy)
+        if key is not None:
+            self.trace.append((job.k_round, -1, 0, len(prop.tokens), -1, 0))
         lm = self.model.lm
         self.held = (seq + prop.tokens)[:lm.length]
         self.floor = min(len(seq), lm.length)

@@ -173,7 +173,10 @@ def test_parallel_placement_falls_back_when_cores_are_shared(fp32_bundle):
     r = crowded.generate("def add", raw=True, mode="parallel", max_new_tokens=10)
     assert r.stats["parallel"] == {} and not crowded.parallel_pays()   # ran as sequential spec
     if cores >= 2:
+        from edge_ssd.costs import StepCosts
+
         roomy = Engine.load(fp32_bundle.path, provider="cpu", threads=1, draft_threads=1)
+        roomy.costs = StepCosts(draft_step=0.010, verify={1: 0.030, 2: 0.032, 3: 0.034, 5: 0.038, 9: 0.046})
         r2 = roomy.generate("def add", raw=True, mode="parallel", max_new_tokens=10)
         assert roomy.parallel_pays() and "hits" in r2.stats["parallel"]
         assert r2.token_ids == r.token_ids

@@ -1,6 +1,7 @@
 """Parallel speculation (the Saguaro-style speculation cache) stays lossless and really hits."""
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -9,6 +10,7 @@ from test_decode import PROMPTS, run
 from test_sampling import chi2_pvalue, exact_joint
 
 from edge_ssd.api import Engine, EngineOptions, placement
+from edge_ssd.costs import StepCosts
 from edge_ssd.decode import DecodeConfig, decode
 from edge_ssd.drafters import AutoDrafter, ModelDrafter, NgramDrafter
 from edge_ssd.governor import Reading
@@ -18,6 +20,7 @@ from edge_ssd.sampling import SamplingParams
 from edge_ssd.stats import Stats
 
 GiB, MiB = 1 << 30, 1 << 20
+GPU_LIKE = StepCosts(draft_step=0.010, verify={1: 0.030, 2: 0.032, 3: 0.034, 5: 0.038, 9: 0.046})
 SHARP = SamplingParams(temperature=2.0, top_k=2)  # 2^5 outcomes of 5 tokens: enough samples per cell
 
 
@@ -74,7 +77,7 @@ def test_perfect_draft_hits_once_acceptance_is_learned(fp32_bundle, target, pool
     out, st = run(target, par, PROMPTS[2], max_new_tokens=200, k=4)
     assert out == ar and st.acceptance_rate > 0.95  # < 1: branch rows are computed in other groupings
     late = par.trace[len(par.trace) // 2:]
-    assert len(late) >= 15 and sum(rank >= 0 for _, rank, _ in late) >= 0.8 * len(late), par.trace
+    assert len(late) >= 15 and sum(e[1] >= 0 for e in late) >= 0.8 * len(late), par.trace
     assert st.parallel["hidden_s"] > 0
 
 
@@ -153,6 +156,7 @@ def test_governor_lowers_fanout_before_k(fp32_bundle):
 
     e = Engine.load(fp32_bundle.path, provider="cpu", threads=1, draft_threads=1, memory_reader=reader,
                     memory_budget="4GiB")
+    e.costs = GPU_LIKE  # the tiny models' verify is no dearer than a draft step: parallel would not pay
     ref = Engine.load(fp32_bundle.path, provider="cpu", threads=1).generate("def add", raw=True, mode="ar",
                                                                             max_new_tokens=40)
     if not e.parallel_pays():
@@ -177,14 +181,25 @@ def test_plan_reserves_branch_rows(fp32_bundle):
 
 
 def test_placement_defaults_by_device():
-    par = EngineOptions(parallel=True)
-    assert placement(8, "cpu", "cpu", par) == (6, 2)          # the draft gets cores of its own
-    assert placement(16, "cpu", "cpu", par) == (12, 4)
-    assert placement(2, "cpu", "cpu", par) == (2, 2)          # too few: sequential, every core each
-    assert placement(8, "cpu", "cpu", EngineOptions()) == (8, 8)
-    assert placement(8, "cuda", "cpu", par) == (8, 8)         # GPU target: the CPU is the draft's
-    assert placement(8, "cpu", "cpu", EngineOptions(parallel=True, threads=5, draft_threads=3)) == (5, 3)
+    opts = EngineOptions()
+    assert placement(8, "cpu", "cpu", opts) == (8, 8)         # CPU only: sequential, every core each
+    assert placement(8, "cuda", "cpu", opts) == (8, 8)        # GPU target: the CPU is the draft's
+    assert placement(8, "cpu", "cpu", EngineOptions(threads=5, draft_threads=3)) == (5, 3)
     assert placement(8, "cpu", "cpu", EngineOptions(threads=3)) == (3, 3)
+    assert placement(8, "cuda", "cpu", EngineOptions(threads=3)) == (3, 8)
+
+
+def test_parallel_needs_a_verify_worth_hiding_behind(fp32_bundle):
+    """parallel_pays: cores to spare, and a verify of at least two draft steps (cost model)."""
+    e = Engine.load(fp32_bundle.path, provider="cpu", threads=1, draft_threads=1)
+    if os.cpu_count() < 2:
+        pytest.skip("one core")
+    e.costs = GPU_LIKE
+    assert e.parallel_pays()
+    e.costs = StepCosts(draft_step=0.010, verify={1: 0.012, 2: 0.013, 3: 0.014, 5: 0.016, 9: 0.020})
+    assert not e.parallel_pays()
+    r = e.generate("def add", raw=True, mode="parallel", max_new_tokens=8)
+    assert r.stats["parallel"] == {}                          # ran as spec
 
 
 def test_bad_fanout_is_a_request_error(fp32_bundle):

@@ -55,3 +55,41 @@ def test_bench_cli_side_by_side(fp32_bundle, tmp_path):
     assert res["summary"]["ALL"]["prompts"] == 3
     assert set(res["summary"]["coding"]) >= {"ar", "spec", "spec/k=3/drafter=model", "parallel"}
     assert all(all(r["identical"].values()) for r in res["results"])  # fp32: every mode = target's output
+
+
+def test_parallel_bench_hits_and_cost_model(fp32_bundle, tmp_path):
+    """tools/parallel_bench.py hits: per-fan-out hit rates that only grow with the fan-out, and a
+    cost-model prediction per assumed verify time."""
+    from pathlib import Path
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": t, "category": c}) for t, c in [
+        ("def add(a, b):", "coding"), ("import numpy", "coding"), ("hello world", "qa")]) + "\n")
+    out = tmp_path / "hits.json"
+    tool = Path(__file__).parent.parent / "tools" / "parallel_bench.py"
+    p = subprocess.run([sys.executable, str(tool), "hits", "--bundle", str(fp32_bundle.path), "--prompts",
+                        str(prompts), "--limit", "2", "--max-new-tokens", "100", "--fanout", "4", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    row = json.loads(out.read_text())["summary"]["ALL"]
+    rates = [row["hit_rate"][str(f)] for f in range(1, 5)]
+    assert row["lookups"] > 10 and rates == sorted(rates) and rates[-1] > 0
+    assert set(row["predicted_speedup_over_spec"]) == {"v=5ms", "v=10ms", "v=20ms", "v=40ms", "v=80ms"}
+
+
+def test_parallel_predict_matches_hand_computation():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("pb", Path(__file__).parent.parent / "tools" / "parallel_bench.py")
+    pb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pb)
+    d, v = 0.010, 0.030
+    # rounds K = 3, 3: spec = 2 x (30 + 30) = 120 ms. The lookup before round 2: the hit branch
+    # (rank 0) was ready after 4 forwards = 40 ms, 10 ms after verification ended.
+    assert pb.predict([(3, 0, 4, 3, 3, 3)], [3, 3], 4, d, v) == pytest.approx(120 / (120 - 30 + 10))
+    # a miss: half a step waiting for the worker, then drafting as spec
+    assert pb.predict([(3, -1, 0, 3, -1, 0)], [3, 3], 4, d, v) == pytest.approx(120 / 125)
+    # a hit ranked beyond the fan-out, or whose branch had not started when verification ended
+    assert pb.predict([(3, 2, 9, 3, 1, 3)], [3, 3], 2, d, v) == pytest.approx(120 / 125)
+    assert pb.predict([(3, 2, 9, 3, 1, 3)], [3, 3], 4, d, v) == pytest.approx(120 / 125)

@@ -2,7 +2,7 @@
 """Parallel speculation, measured: `parallel` against `spec` against `ar`, and the speculation
 cache's hit rate, on real prompts.
 
-Two parts, one command each:
+Three parts, one command each:
 
   timing  Side by side on this device, per prompt, alternating: `ar` and `spec` on an engine
           with every core for each model (their best placement), `parallel` on a second engine
@@ -16,10 +16,15 @@ Two parts, one command each:
           `spec` for a target elsewhere (a GPU) and the draft on this CPU (see predict()).
           A prediction, not a measurement: labelled so wherever it is quoted.
 
+  contention  What running both at once costs each: verify(K+1) and a draft step alone, and
+          each while the other model runs in a second thread (--split placement).
+
     python tools/parallel_bench.py timing --bundle models/qwen2.5-coder-0.5b-1.5b \\
         --prompts ../shared/bench/spec_bench_questions.jsonl --limit 1 --split 1+1 --json OUT
     python tools/parallel_bench.py hits --bundle models/qwen2.5-coder-0.5b-1.5b \\
         --prompts ../shared/bench/spec_bench_questions.jsonl --limit 2 --fanout 8 --json OUT
+    python tools/parallel_bench.py contention --bundle models/qwen2.5-coder-0.5b-1.5b --split 1+1 \
+        --json OUT
 """
 from __future__ import annotations
 
@@ -165,18 +170,76 @@ def hits(args) -> dict:
             "costs": engine.costs.to_json(), "peak_rss_bytes": peak_rss_bytes()}
 
 
+def contention(args) -> dict:
+    """What running both models at once costs each: verify(K+1) and a draft step, alone and
+    while the other model runs in a second thread, at the --split placement."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from edge_ssd.bundle import load_bundle
+    from edge_ssd.model import OnnxLM
+
+    t, d = (int(x) for x in args.split.split("+"))
+    bundle = load_bundle(args.bundle)
+    target, draft = OnnxLM(bundle.target, "cpu", t, max_context=1024), OnnxLM(bundle.draft, "cpu", d, max_context=1024)
+    ids = (np.arange(300) % 1000 + 100).tolist()
+    target.forward(ids)
+    draft.forward(ids)
+
+    def step(lm: OnnxLM, rows: int) -> float:
+        lm.truncate(300)
+        t0 = time.perf_counter()
+        lm.forward(ids[:rows], keep=rows)
+        return time.perf_counter() - t0
+
+    def alone(lm: OnnxLM, rows: int, n: int = 30) -> float:
+        step(lm, rows)
+        return float(np.median([step(lm, rows) for _ in range(n)]))
+
+    def beside(lm: OnnxLM, rows: int, other: OnnxLM, other_rows: int, n: int = 30) -> float:
+        stop = threading.Event()
+
+        def spin() -> None:
+            while not stop.is_set():
+                step(other, other_rows)
+
+        th = threading.Thread(target=spin)
+        th.start()
+        try:
+            time.sleep(0.05)
+            return float(np.median([step(lm, rows) for _ in range(n)]))
+        finally:
+            stop.set()
+            th.join()
+
+    k1 = args.k + 1
+    out = {"split": args.split, "k": args.k,
+           "verify_alone_ms": 1000 * alone(target, k1), "draft_alone_ms": 1000 * alone(draft, 1),
+           "verify_beside_draft_ms": 1000 * beside(target, k1, draft, 1),
+           "draft_beside_verify_ms": 1000 * beside(draft, 1, target, k1)}
+    print(f"split {args.split}: verify({k1}) {out['verify_alone_ms']:.1f} ms alone, "
+          f"{out['verify_beside_draft_ms']:.1f} ms with the draft running; draft step "
+          f"{out['draft_alone_ms']:.1f} ms alone, {out['draft_beside_verify_ms']:.1f} ms beside verification")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["timing", "hits"])
+    ap.add_argument("part", choices=["timing", "hits", "contention"])
     ap.add_argument("--bundle", required=True)
-    ap.add_argument("--prompts", type=Path, required=True)
+    ap.add_argument("--prompts", type=Path, default=None, help="timing, hits: JSONL prompts (Spec-Bench)")
     ap.add_argument("--limit", type=int, default=1, help="prompts per category")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--split", default="1+1", help="timing: target+draft threads for parallel")
     ap.add_argument("--fanout", type=int, default=4)
+    ap.add_argument("--k", type=int, default=3, help="contention: proposals per verify")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    out = timing(args) if args.part == "timing" else hits(args)
+    if args.part != "contention" and args.prompts is None:
+        ap.error(f"{args.part} needs --prompts")
+    out = {"timing": timing, "hits": hits, "contention": contention}[args.part](args)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return 0

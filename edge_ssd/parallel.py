@@ -44,6 +44,7 @@ from .sampling import SamplingParams, probs, sample
 
 CANDIDATES = 4       # bonus-token guesses looked at per position
 DEFAULT_FANOUT = 4   # branches pre-drafted per round (governor may lower it)
+HIT_EMA = 0.1        # weight of the newest lookup in the hit-rate average
 
 
 def distribution(logits: np.ndarray, sp: SamplingParams, vocab: int) -> np.ndarray:
@@ -137,6 +138,7 @@ class ParallelDrafter:
         # rank of the hit branch or -1, draft forwards until it was ready, K of the new round,
         # proposals of the verified round the hit branch assumed accepted or -1, its own forwards)
         self.trace: list = []
+        self.hit_ema = 0.5                  # recent hit rate: the share of drafting hidden
 
     # -- main thread ---------------------------------------------------------------------------
     def start(self, prompt: list) -> None:
@@ -150,6 +152,7 @@ class ParallelDrafter:
         key = job.outcome(seq) if job is not None else None
         if key is not None:
             self.st["rounds"] += 1
+            policy.draft_share = 1.0 - self.hit_ema   # what K is chosen against (policy.py)
             if self.wait_all:
                 self._wait()
             with self.lock:
@@ -159,7 +162,9 @@ class ParallelDrafter:
             if br is not None and not br.done:
                 self._wait()
                 self.st["partial_hits"] += br.done
-            if br is not None and br.done and br.tokens and k > 0:
+            hit = br is not None and br.done and bool(br.tokens) and k > 0
+            self.hit_ema = (1 - HIT_EMA) * self.hit_ema + HIT_EMA * hit
+            if hit:
                 self.st["hits"] += 1
                 self.st["rejection_hits"] += br.j < len(job.tokens)
                 self.st["hidden_s"] += br.seconds

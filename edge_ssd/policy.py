@@ -5,7 +5,9 @@ maps the draft's confidence in a token (its top-1 probability when greedy, q(tok
 sampling) to the chance that the target accepts it, learned per confidence bucket from what
 verification really accepts. A round drafts while one more token is expected to raise
 tokens-per-second:  E[j+1] / cost(j+1) > E[j] / cost(j),  with
-E[j] = 1 + sum_i prod_{l<=i} a(c_l)  and  cost(j) = j x draft_step + verify(j+1).
+E[j] = 1 + sum_i prod_{l<=i} a(c_l)  and  cost(j) = j x draft_step x s + verify(j+1), where s
+is the share of drafting that delays the round: 1 for sequential drafting, lower in parallel
+mode, where a hit in the speculation cache hides the next round's drafting.
 That single rule is both the adaptive K and the confidence stop. When even the best K at the
 recent per-token acceptance is not expected to beat a plain step, the round drafts nothing
 (K = 0: a plain target step), with an occasional probe so the estimates can recover when the
@@ -59,6 +61,7 @@ class SpecPolicy:
     fixed_k: Optional[int] = None
     k_min: int = 0
     k_max: int = 8
+    draft_share: float = 1.0   # of drafting time on the critical path (parallel mode lowers it)
 
     def __post_init__(self) -> None:
         self.acceptance = AcceptanceModel()
@@ -94,7 +97,7 @@ class SpecPolicy:
         best = 0.0
         for k in ([self.fixed_k] if self.fixed_k else range(max(1, self.k_min), self.k_max + 1)):
             e = 1 + sum(a ** i for i in range(1, k + 1))
-            best = max(best, e / (k * c.draft_step + c.verify_rows(k + 1)))
+            best = max(best, e / (k * c.draft_step * self.draft_share + c.verify_rows(k + 1)))
         return best
 
     def keep_drafting(self, confs: list) -> bool:
@@ -106,10 +109,11 @@ class SpecPolicy:
         probs = [self.acceptance.prob(x) for x in confs]
         cum = np.cumprod(probs)
         e_now = 1 + cum.sum()
-        cost_now = j * c.draft_step + c.verify_rows(j + 1)
+        d = c.draft_step * self.draft_share
+        cost_now = j * d + c.verify_rows(j + 1)
         a_next = probs[-1]
         e_next = e_now + cum[-1] * a_next
-        cost_next = cost_now + c.draft_step + c.verify_rows(j + 2) - c.verify_rows(j + 1)
+        cost_next = cost_now + d + c.verify_rows(j + 2) - c.verify_rows(j + 1)
         return e_next / cost_next > e_now / cost_now
 
     def state(self) -> dict:

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from test_decode import PROMPTS, run
-from test_sampling import chi2_pvalue, exact_joint
+from test_sampling import chi2_pvalue, exact_joint, spec_samples
 
 from edge_ssd.api import Engine, EngineOptions, placement
 from edge_ssd.costs import StepCosts
@@ -110,21 +110,11 @@ def test_context_limit_inside_branches(fp32_bundle, target, pool):
     assert out == ar and st.finish_reason == ar_st.finish_reason == "context"
 
 
-def parallel_samples(target, drafter, prompt, sp, n_tokens, runs, k):
-    counts: dict = {}
-    for seed in range(runs):
-        cfg = DecodeConfig(max_new_tokens=n_tokens, k=k, sampling=SamplingParams(
-            temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, seed=seed))
-        out = tuple(t for chunk in decode(target, drafter, prompt, cfg, Stats("parallel")) for t in chunk)
-        counts[out] = counts.get(out, 0) + 1
-    return counts
-
-
 def joint_test(target, drafter, sp, runs=2500) -> float:
     """p-value of 5 sampled tokens (a prefill token, then K=1 rounds that use the cache) vs exact."""
     prompt = [40, 41, 42, 43]
     joint = exact_joint(target, prompt, sp, 5)
-    counts = parallel_samples(target, drafter, prompt, sp, 5, runs, k=1)
+    counts = spec_samples(target, drafter, prompt, sp, 5, runs, k=1)
     keys = sorted(set(joint) | set(counts))
     obs = np.array([counts.get(key, 0) for key in keys], float)
     exp = np.array([joint.get(key, 1e-12) for key in keys])

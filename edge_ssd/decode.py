@@ -138,7 +138,8 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
                 continue
             k = len(prop.tokens)
             if hasattr(drafter, "overlap"):  # parallel mode: pre-draft the next round meanwhile
-                drafter.overlap(seq, prop, sp, policy, room - k, rng, governor.fanout_cap if governor else None)
+                drafter.overlap(seq, prop, sp, policy, min(room, cfg.max_new_tokens - produced - 1) - k, rng,
+                                governor.fanout_cap if governor else None, governor.k_cap if governor else None)
             logits = target.forward([seq[-1]] + prop.tokens, keep=k + 1)
             if sp.greedy:
                 n, bonus = accept_greedy(logits, prop.tokens)

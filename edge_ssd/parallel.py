@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -98,6 +98,7 @@ class Job:
     branches: dict = field(default_factory=dict)  # (j, bonus) -> Branch, in drafting order
     want: Optional[tuple] = None                   # the real outcome, once known
     feed_steps: int = 0                            # forwards to catch the cache up (0 or 1)
+    full: list = field(default_factory=list)       # the committed sequence + the proposal
 
     @property
     def k_round(self) -> int:
@@ -180,6 +181,7 @@ class ParallelDrafter:
             self.st["misses"] += 1
         self._quiesce()
         self._sync(seq)
+        self._truncate(min(self.model.lm.length, len(seq) - 1))  # the drafter feeds at least seq[-1]
         prop = self.model.propose(seq, k, sp, rng, policy)
         if key is not None:
             self.trace.append((job.k_round, -1, 0, len(prop.tokens), -1, 0))
@@ -188,11 +190,14 @@ class ParallelDrafter:
         self.floor = min(len(seq), lm.length)
         return prop
 
-    def overlap(self, seq: list, prop: Proposal, sp: SamplingParams, policy: SpecPolicy,
-                room: int, rng: np.random.Generator, fanout_cap: Optional[int] = None) -> None:
-        """Called just before the target verifies `prop`: start pre-drafting round T+1."""
+    def overlap(self, seq: list, prop: Proposal, sp: SamplingParams, policy: SpecPolicy, room: int,
+                rng: np.random.Generator, fanout_cap: Optional[int] = None, k_cap: Optional[int] = None) -> None:
+        """Called just before the target verifies `prop`: start pre-drafting round T+1.
+
+        room: tokens the next round may draft (context and token budget); the caps are the
+        memory governor's."""
         fanout = min(self.fanout, self.fanout if fanout_cap is None else fanout_cap)
-        depth = min(policy.budget(room - len(prop.tokens)), room)
+        depth = min(policy.budget(room), k_cap or room)
         hit = self._hit is not None and self._hit[0] is prop
         if not prop.tokens or depth <= 0 or fanout <= 0:
             self.job = None
@@ -208,7 +213,7 @@ class ParallelDrafter:
                   cands, sp, policy, depth, fanout,
                   None if sp.greedy else np.random.default_rng(int(rng.integers(1 << 62))))
         self.job, self._hit = job, None
-        self.futures = [f for f in self.futures if not f.done() or self._collect(f)]
+        self._harvest()
         self.futures.append(self.pool.submit(self._run, job, rows))
 
     def commit(self, n_valid: int) -> None:
@@ -232,16 +237,29 @@ class ParallelDrafter:
     def target_vocab(self) -> int:
         return self.model.target_vocab
 
-    def _collect(self, future: Future) -> bool:
-        self.st["worker_s"] += future.result()  # re-raises what went wrong in the worker
-        return False
+    def _harvest(self) -> None:
+        """Forget finished jobs (their time counted); failed ones stay for _wait to raise."""
+        keep = []
+        for f in self.futures:
+            if f.done() and f.exception() is None:
+                self.st["worker_s"] += f.result()
+            else:
+                keep.append(f)
+        self.futures = keep
 
     def _wait(self) -> None:
+        """Wait for every job submitted; then raise the first error a job met, if any."""
         t0 = time.perf_counter()
-        for f in self.futures:
-            self._collect(f)
-        self.futures = []
+        futures, self.futures = self.futures, []
+        error = None
+        for f in futures:
+            try:
+                self.st["worker_s"] += f.result()
+            except Exception as e:  # noqa: BLE001 - re-raised below, once all jobs are done
+                error = error or e
         self.st["wait_s"] += time.perf_counter() - t0
+        if error is not None:
+            raise error
 
     def _quiesce(self) -> None:
         """Call off the worker and wait for its current step: the draft session is ours again."""
@@ -274,8 +292,11 @@ class ParallelDrafter:
         del self.held[n:]
 
     def _fan_out(self, job: Job, rows: Optional[np.ndarray]) -> None:
+        if job.gen != self.gen:                        # called off while queued
+            return
         sp, vocab, lm = job.sp, self.model.target_vocab, self.model.lm
         want = self.held[:job.floor] + job.tail       # the committed sequence + the proposal
+        job.full = want
         self._sync(want)
         if rows is not None:                           # the proposal's own logits, kept by the drafter
             job.cands = [top_candidates(distribution(r, sp, vocab)) for r in rows]
@@ -315,19 +336,20 @@ class ParallelDrafter:
             reach *= job.accept[j]
         ids, p = after
         outcomes += [(reach * pb, len(job.tokens), b) for b, pb in zip(ids.tolist(), p.tolist())]
-        outcomes.sort(reverse=True)
+        outcomes = sorted((o for o in outcomes if o[0] > 0), reverse=True)  # top-k/top-p zeros: never
         return [Branch(j, b, s) for s, j, b in outcomes[:job.fanout]]
 
     def _draft_branch(self, job: Job, br: Branch) -> None:
-        """Draft one branch: cut the cache to its accepted prefix, feed its bonus, draft on."""
+        """Draft one branch: bring the cache to its accepted prefix (an earlier branch may have
+        overwritten proposals there), feed its bonus, draft on."""
         t0 = time.perf_counter()
         sp, vocab = job.sp, self.model.target_vocab
         start = job.base + br.j                        # the bonus token's position
-        self._truncate(start)
+        self._sync(job.full[:start])
         depth = min(job.depth, self.model.lm.max_context - start - 1)
-        tok = br.bonus
+        feed = job.full[self.model.lm.length:start] + [br.bonus]
         while len(br.tokens) < depth:
-            logits = self._forward([tok])[0]
+            logits = self._forward(feed)[0]
             br.steps += 1
             p = distribution(logits, sp, vocab)
             tok = int(np.argmax(p)) if sp.greedy else sample(p, job.rng)
@@ -336,6 +358,7 @@ class ParallelDrafter:
             br.conf.append(float(p[tok]))
             br.cands.append(top_candidates(p))
             br.tokens.append(tok)
+            feed = [tok]
             called_off = job.gen != self.gen and job.want != (br.j, br.bonus)
             if called_off or not job.policy.keep_drafting(br.conf):
                 break

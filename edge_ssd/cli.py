@@ -143,6 +143,14 @@ def cmd_generate(args) -> int:
     print(f"[{s['mode']}] {s['new_tokens']} tokens, {s['tokens_per_s']:.2f} tok/s, "
           f"acceptance {s['acceptance_rate']:.2f}, mean accepted {s['mean_accepted_len']:.2f}, "
           f"mean K {s['mean_k']:.2f}", file=sys.stderr)
+    par = s.get("parallel") or {}
+    if par:
+        print(f"[parallel] speculation cache: hit rate {par['hit_rate']:.2f} ({par['hits']} of {par['rounds']}), "
+              f"{par['mean_fanout']:.1f} branches a round, {par['hidden_s']:.2f} s of drafting hidden",
+              file=sys.stderr)
+    elif s["mode"] == "parallel":
+        print("[parallel] ran as spec: drafting beside verification does not pay with this placement "
+              "(see docs/benchmarks.md#parallel-speculation)", file=sys.stderr)
     return 0
 
 

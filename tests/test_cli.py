@@ -180,3 +180,12 @@ def test_parallel_placement_falls_back_when_cores_are_shared(fp32_bundle):
         r2 = roomy.generate("def add", raw=True, mode="parallel", max_new_tokens=10)
         assert roomy.parallel_pays() and "hits" in r2.stats["parallel"]
         assert r2.token_ids == r.token_ids
+
+
+def test_parallel_on_shared_cores_says_it_ran_as_spec(fp32_bundle):
+    p = cli("generate", "--bundle", fp32_bundle.path, "--prompt", "def add", "--raw", "--mode", "parallel",
+            "--max-new-tokens", "6", check_rc=0)
+    assert "[parallel] ran as spec" in p.stderr
+    bad = cli("generate", "--bundle", fp32_bundle.path, "--prompt", "x", "--mode", "parallel", "--fanout", "99",
+              "--threads", "1", "--draft-threads", "1", check_rc=1)
+    assert "fanout must be an integer in [0, 16]" in bad.stderr and "Traceback" not in bad.stderr

@@ -19,7 +19,6 @@ GB of RAM instead of the 15 GB that a torch-traced export peaks at.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -257,7 +256,7 @@ def build_decoder(
     writer = TensorWriter(out_dir / "model.onnx.data")
     g = _Graph(writer)
     io = GraphIO()
-    H, nh, kvh, hd = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim
+    nh, kvh, hd = arch.num_heads, arch.num_kv_heads, arch.head_dim
     max_pos = min(arch.max_position_embeddings, max_context or arch.max_position_embeddings)
 
     def linear(x: str, w_out_in: np.ndarray, name: str, q: str, bias: Optional[np.ndarray] = None) -> str:

@@ -275,10 +275,8 @@ def placement(cores: int, provider: str, draft_provider: str, options: EngineOpt
     every core (docs/benchmarks.md). Split the cores explicitly (--threads T --draft-threads D,
     T + D <= cores) to run them at once, and measure with tools/parallel_bench.py timing.
     """
-    threads = options.threads or cores
-    draft_threads = options.draft_threads or (options.threads if draft_provider == provider and options.threads
-                                              else cores)
-    return threads, draft_threads
+    same_device = draft_provider == provider
+    return options.threads or cores, options.draft_threads or (same_device and options.threads) or cores
 
 
 def _check_exact_possible(bundle: Bundle) -> None:

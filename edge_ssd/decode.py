@@ -75,10 +75,8 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
         raise RequestError(f"the prompt has {len(prompt)} tokens; the context limit is {target.max_context}")
     sp = cfg.sampling
     rng = np.random.default_rng(sp.seed)
-    if getattr(drafter, "concurrent", False):
-        costs_seen = None  # steps overlap with drafting: their times are not the device's step costs
-    else:
-        costs_seen = costs
+    # steps that overlap drafting (parallel mode) do not measure the device's step costs
+    costs_seen = None if getattr(drafter, "concurrent", False) else costs
     policy = SpecPolicy(costs, cfg.k, cfg.k_min, cfg.k_max) if drafter is not None else None
     if policy is not None and learned:
         policy.load(learned)
@@ -108,7 +106,8 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
             if room < 0:
                 stats.finish_reason = "context"
                 return
-            k = policy.budget(min(room, cfg.max_new_tokens - produced - 1)) if policy else 0
+            room = min(room, cfg.max_new_tokens - produced - 1)  # tokens this round may draft
+            k = policy.budget(room) if policy else 0
             if governor is not None:
                 act = governor.check(k, drafter is not None, getattr(drafter, "fanout", 0))
                 if act != "ok":
@@ -117,9 +116,7 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
                     stats.finish_reason, stats.error = "memory", governor.abort_message()
                     return
                 if act == "drop_draft":
-                    for d in (drafter, getattr(drafter, "model", None)):
-                        if hasattr(d, "release"):
-                            d.release()
+                    drafter.release()
                     drafter = policy = None
                     on_drop_draft()
                     k = 0
@@ -138,8 +135,8 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
                 continue
             k = len(prop.tokens)
             if hasattr(drafter, "overlap"):  # parallel mode: pre-draft the next round meanwhile
-                drafter.overlap(seq, prop, sp, policy, min(room, cfg.max_new_tokens - produced - 1) - k, rng,
-                                governor.fanout_cap if governor else None, governor.k_cap if governor else None)
+                drafter.overlap(seq, prop, sp, policy, room - k, rng, governor.fanout_cap if governor else None,
+                                governor.k_cap if governor else None)
             logits = target.forward([seq[-1]] + prop.tokens, keep=k + 1)
             if sp.greedy:
                 n, bonus = accept_greedy(logits, prop.tokens)
@@ -156,9 +153,8 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
             stats.record_round(k, n, prop.source)
             new = prop.tokens[:n] + [bonus]
     finally:
-        for d in (drafter, getattr(drafter, "model", None)):
-            if hasattr(d, "parallel_stats"):
-                stats.parallel = d.parallel_stats()
+        if hasattr(drafter, "parallel_stats"):
+            stats.parallel = drafter.parallel_stats()
         if policy is not None and learned is not None and policy.observed:
             learned.update(policy.state())
         stats.new_tokens = produced

@@ -42,6 +42,8 @@ class Drafter(Protocol):
 
     def commit(self, n_valid: int) -> None: ...
 
+    def release(self) -> None: ...
+
 
 def fit_vocab(q: np.ndarray, vocab: int) -> np.ndarray:
     """Pad (with zero mass) or cut a draft distribution to the target's vocabulary size."""
@@ -154,6 +156,9 @@ class NgramDrafter:
     def commit(self, n_valid: int) -> None:
         pass
 
+    def release(self) -> None:
+        pass
+
 
 class AutoDrafter:
     """Per round: the n-gram proposal when it is expected to pay more than the draft model.
@@ -226,6 +231,13 @@ class AutoDrafter:
     @property
     def fanout(self) -> int:
         return getattr(self.model, "fanout", 0)
+
+    def release(self) -> None:
+        if self.model is not None:
+            self.model.release()
+
+    def parallel_stats(self) -> dict:
+        return self.model.parallel_stats() if hasattr(self.model, "parallel_stats") else {}
 
     def commit(self, n_valid: int) -> None:
         if self.model is not None:

@@ -35,7 +35,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from edge_ssd.api import Engine
-from edge_ssd.bench import read_prompts
+from edge_ssd.bench import print_table, read_prompts, summarize
 from edge_ssd.decode import DecodeConfig, decode
 from edge_ssd.drafters import ModelDrafter
 from edge_ssd.parallel import ParallelDrafter
@@ -46,63 +46,37 @@ from edge_ssd.text import build_prompt
 VERIFY_MS = (5.0, 10.0, 20.0, 40.0, 80.0)   # assumed verify times per round elsewhere (flat in K)
 
 
-def rate(stats: list) -> float:
-    toks = sum(max(0, s["new_tokens"] - 1) for s in stats)
-    secs = sum(s["decode_s"] for s in stats)
-    return toks / secs if secs else 0.0
-
-
 def timing(args) -> dict:
     cores = os.cpu_count() or 1
     t, d = (int(x) for x in args.split.split("+"))
     seq_engine = Engine.load(args.bundle, provider="cpu", threads=cores, draft_threads=cores)
     par_engine = Engine.load(args.bundle, provider="cpu", threads=t, draft_threads=d)
     if not par_engine.parallel_pays():
-        raise SystemExit(f"--split {args.split} needs {t + d} cores; this machine has {cores}")
+        raise SystemExit(f"with --split {args.split} parallel would run as spec here (cores or step costs: "
+                         "see Engine.parallel_pays)")
     prompts = read_prompts(args.prompts, args.limit)
+    par = f"parallel {args.split}"
     runs = [("ar", seq_engine, dict(mode="ar")), ("spec", seq_engine, dict(mode="spec")),
-            (f"parallel {args.split}", par_engine, dict(mode="parallel", fanout=args.fanout)),
+            (par, par_engine, dict(mode="parallel", fanout=args.fanout)),
             (f"spec {args.split}", par_engine, dict(mode="spec"))]
     results, bar = [], Bar("timing", len(prompts) * len(runs), "runs")
     for p in prompts:
         rec = {"category": p["category"], "modes": {}, "identical": {}}
-        ref = None
+        ids = {}
         for name, engine, kw in runs:
             r = engine.generate(p["prompt"], max_new_tokens=args.max_new_tokens, **kw)
-            rec["modes"][name] = r.stats
-            ref = r.token_ids if ref is None else ref
-            rec["identical"][name] = r.token_ids == ref
+            rec["modes"][name], ids[name] = r.stats, r.token_ids
             bar.update(1)
+        rec["identical"] = {name: v == ids["ar"] for name, v in ids.items() if name != "ar"}
         results.append(rec)
     bar.close()
-    table = {}
-    by_cat = defaultdict(list)
-    for r in results:
-        by_cat[r["category"]].append(r)
-        by_cat["ALL"].append(r)
-    for cat, rs in by_cat.items():
-        row = {}
-        for name, _, _ in runs:
-            st = [r["modes"][name] for r in rs]
-            row[name] = {"tokens_per_s": rate(st)}
-            drafted = sum(s["drafted"] for s in st)
-            if drafted:
-                row[name]["acceptance_rate"] = sum(s["accepted"] for s in st) / drafted
-            par = [s["parallel"] for s in st if s.get("parallel")]
-            if par:
-                looked = sum(x["rounds"] for x in par)
-                row[name]["hit_rate"] = sum(x["hits"] for x in par) / max(1, looked)
-                row[name]["hidden_s"] = sum(x["hidden_s"] for x in par)
-            row[name]["identical_share"] = sum(r["identical"][name] for r in rs) / len(rs)
-        base = row["ar"]["tokens_per_s"]
-        for name in row:
-            row[name]["speedup_vs_ar"] = row[name]["tokens_per_s"] / base if base else 0.0
-        table[cat] = row
-    print(f"{'category':<16}" + "".join(f"{n:>22}" for n, _, _ in runs))
-    for cat in sorted(table, key=lambda c: (c == "ALL", c)):
-        cells = "".join(f"{table[cat][n]['tokens_per_s']:>13.1f} ({table[cat][n]['speedup_vs_ar']:.2f}x)"
-                        for n, _, _ in runs)
-        print(f"{cat:<16}{cells}")
+    names = [name for name, _, _ in runs]
+    table = summarize(results, names)  # tokens/s, speedup over ar, acceptance, identical share
+    for cat, row in table.items():     # and the speculation cache's hit rate
+        st = [r["modes"][par]["parallel"] for r in results if cat in ("ALL", r["category"])]
+        row[par]["hit_rate"] = sum(x["hits"] for x in st) / max(1, sum(x["rounds"] for x in st))
+        row[par]["hidden_s"] = sum(x["hidden_s"] for x in st)
+    print_table(table, names)
     return {"split": args.split, "fanout": args.fanout, "threads": {"sequential": seq_engine.threads(),
             "parallel": par_engine.threads()}, "costs": seq_engine.costs.to_json(), "summary": table,
             "results": results, "peak_rss_bytes": peak_rss_bytes()}
@@ -128,7 +102,7 @@ def hits(args) -> dict:
     engine = Engine.load(args.bundle, provider="cpu")
     prompts = read_prompts(args.prompts, args.limit)
     d = engine.costs.draft_step
-    per_cat = defaultdict(lambda: {"traces": [], "k": [], "stats": []})
+    per_cat = defaultdict(lambda: {"traces": [], "k": []})
     bar = Bar("hits", len(prompts), "prompts")
     for p in prompts:
         par = ParallelDrafter(ModelDrafter(engine.draft, engine.target.entry.vocab_size), engine._pool,
@@ -140,8 +114,7 @@ def hits(args) -> dict:
             pass
         for key in (p["category"], "ALL"):
             per_cat[key]["traces"].append(par.trace)
-            per_cat[key]["k"].append([k for k in st.k_chosen])
-            per_cat[key]["stats"].append(st.parallel)
+            per_cat[key]["k"].append(st.k_chosen)
         bar.update(1)
     bar.close()
     table = {}

@@ -78,12 +78,7 @@ def test_parallel_bench_hits_and_cost_model(fp32_bundle, tmp_path):
 
 
 def test_parallel_predict_matches_hand_computation():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("pb", Path(__file__).parent.parent / "tools" / "parallel_bench.py")
-    pb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pb)
+    pb = _tool("parallel_bench")
     d, v = 0.010, 0.030
     # rounds K = 3, 3: spec = 2 x (30 + 30) = 120 ms. The lookup before round 2: the hit branch
     # (rank 0) was ready after 4 forwards = 40 ms, 10 ms after verification ended.
@@ -121,19 +116,19 @@ common_perf_print:        eval time =       0.00 ms /     1 runs   (    0.00 ms 
 """
 
 
-def _peer_bench():
+def _tool(name):
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("peer_bench", Path(__file__).parent.parent / "tools" / "peer_bench.py")
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent.parent / "tools" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["peer_bench"] = mod          # its dataclass looks its module up
+    sys.modules[name] = mod          # a dataclass looks its module up
     spec.loader.exec_module(mod)
     return mod
 
 
 def test_peer_bench_parses_llama_cpp_logs():
-    pb = _peer_bench()
+    pb = _tool("peer_bench")
     plain = pb.parse_peer_output("plain", PLAIN_LOG.format(ms="3302.00", runs=127))
     assert plain["decode_tokens"] == 127 and plain["new_tokens"] == 128 and plain["prompt_tokens"] == 31
     assert plain["tokens_per_s"] == pytest.approx(127 / 3.302) and plain["drafted"] == 0
@@ -145,7 +140,7 @@ def test_peer_bench_parses_llama_cpp_logs():
 
 
 def test_peer_bench_prompt_file_survives_llama_cpp_newline_strip():
-    pb = _peer_bench()
+    pb = _tool("peer_bench")
     text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     written = pb.prompt_file_text(text)
     read = written[:-1] if written.endswith("\n") else written    # what llama.cpp's -f keeps
@@ -160,7 +155,7 @@ def test_peer_bench_flags_match_the_shared_script():
     script = Path(__file__).parent.parent.parent / "shared" / "tools" / "llama-cpp-peer.sh"
     if not script.exists():
         pytest.skip("no shared/ checkout beside this one")
-    pb = _peer_bench()
+    pb = _tool("peer_bench")
     text = " ".join(script.read_text().split())
     for flag in ("--temp 0", "-t 2", "-no-cnv", "--no-display-prompt", "-c 4096", "--spec-type draft-simple",
                  "-td 2", "--spec-draft-n-max 4", "--spec-type ngram-mod"):
@@ -182,7 +177,7 @@ def _fake_llama(folder, plain_ms, spec_s):
 
 
 def test_peer_bench_end_to_end_with_a_fake_llama_cpp(fp32_bundle, tmp_path):
-    pb = _peer_bench()
+    pb = _tool("peer_bench")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps(r) for r in [
         {"question_id": 1, "category": "coding", "turns": ["def add(a, b):"]},
@@ -209,3 +204,27 @@ def test_peer_bench_end_to_end_with_a_fake_llama_cpp(fp32_bundle, tmp_path):
     assert all(r["identical"]["spec"] for r in res["results"])          # fp32: spec = ar
     md = out.with_suffix(".md").read_text()
     assert "**coding** (1 prompts)" in md and "| llama.cpp/plain | 50.0 | " in md and "x best llama.cpp" in md
+
+
+def test_step_costs_rows_spec():
+    sc = _tool("step_costs")
+    assert sc.parse_rows("1-9") == tuple(range(1, 10)) and sc.parse_rows("1,2,5") == (1, 2, 5)
+
+
+def test_op_profile_groups_a_trace():
+    """Kernel events of two runs -> per-step ms per op group, the gap between kernels, GB/s."""
+    op = _tool("op_profile")
+
+    def ev(node, op_name, us):
+        return {"cat": "Node", "name": f"{node}_kernel_time", "dur": us, "args": {"op_name": op_name}}
+
+    run = [ev("L0.qkv_proj", "MatMulNBits", 1000), ev("L0.attn", "GroupQueryAttention", 500),
+           ev("lm_head", "MatMulNBits", 3000), ev("L0.input_norm", "SkipSimplifiedLayerNormalization", 100),
+           ev("QuickGelu_11", "QuickGelu", 50)]
+    res = op.summarize_profile([run, run], [5.0, 5.0], {"lm_head": 60_000_000, "L0.qkv_proj": 2_000_000})
+    g = res["groups"]
+    assert list(g)[0] == "LM head (MatMulNBits)" and g["LM head (MatMulNBits)"]["ms"] == pytest.approx(3.0)
+    assert g["LM head (MatMulNBits)"]["gb_per_s"] == pytest.approx(20.0)            # 60 MB in 3 ms
+    assert g["layers: q/k/v (MatMulNBits)"]["ms"] == pytest.approx(1.0)
+    assert g["between kernels (ORT)"]["ms"] == pytest.approx(5.0 - 4.65)
+    assert g["rest (elementwise, split, slice)"]["nodes"] == 1

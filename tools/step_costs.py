@@ -3,7 +3,9 @@
 draft step, verify(K+1) and decode(1), at 200 and 1,000 tokens of context; plus how far a
 lone row's logits drift from the same row computed among several (the --exact question).
 
-    python tools/step_costs.py --bundle models/qwen2.5-coder-0.5b-1.5b [--threads 2] [--json OUT]
+    python tools/step_costs.py --bundle models/qwen2.5-coder-0.5b-1.5b [--threads 2] [--rows 1-9] [--json OUT]
+
+rows = K+1: `--rows 1-9` prices verify(K+1) for every K = 1..8.
 """
 from __future__ import annotations
 
@@ -44,13 +46,19 @@ def row_drift(lm: OnnxLM, rng: np.random.Generator, past: int = 100, n: int = 8)
     return float(np.abs(together - alone).max())
 
 
-def measure(entry: ModelEntry, threads: int, reps: int = 7, contexts=(200, 1000)) -> dict:
+def parse_rows(spec: str) -> tuple:
+    """'1,2,3,5,9' or '1-9' -> row counts."""
+    lo, dash, hi = spec.partition("-")
+    return tuple(range(int(lo), int(hi) + 1)) if dash else tuple(int(x) for x in spec.split(","))
+
+
+def measure(entry: ModelEntry, threads: int, reps: int = 7, contexts=(200, 1000), rows=ROWS) -> dict:
     lm = OnnxLM(entry, threads=threads, max_context=max(contexts) + 32)
     rng = np.random.default_rng(0)
     out = {"rows_ms": {}, "decode_ms": {}}
     for ctx in contexts:
         out["decode_ms"][ctx] = 1000 * timed(lm, ctx, 1, reps, rng)
-    for r in ROWS:
+    for r in rows:
         out["rows_ms"][r] = 1000 * timed(lm, contexts[0], r, reps, rng)
     out["row_drift"] = row_drift(lm, rng)
     return out
@@ -61,18 +69,23 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--rows", type=parse_rows, default=ROWS, help="row counts to time, e.g. 1,2,3,5,9 or 1-9")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    rows = tuple(sorted(set(args.rows) | {1, 5}))   # the summary line needs decode(1) and verify(5)
     b = load_bundle(args.bundle)
-    res = {m.role: measure(m, args.threads, args.reps) for m in (b.target, b.draft) if m is not None}
+    res = {m.role: measure(m, args.threads, args.reps, rows=rows) for m in (b.target, b.draft) if m is not None}
     t = res["target"]
-    print(f"{'model':<8}{'decode@200':>12}{'decode@1000':>13}" + "".join(f"{'rows=' + str(r):>9}" for r in ROWS)
+    print(f"{'model':<8}{'decode@200':>12}{'decode@1000':>13}" + "".join(f"{'rows=' + str(r):>9}" for r in rows)
           + f"{'row drift':>11}")
     for role, m in res.items():
         print(f"{role:<8}{m['decode_ms'][200]:>10.1f}ms{m['decode_ms'][1000]:>11.1f}ms"
-              + "".join(f"{m['rows_ms'][r]:>7.1f}ms" for r in ROWS) + f"{m['row_drift']:>11.3g}")
+              + "".join(f"{m['rows_ms'][r]:>7.1f}ms" for r in rows) + f"{m['row_drift']:>11.3g}")
     print(f"verify(5)/decode(1) = {t['rows_ms'][5] / t['rows_ms'][1]:.2f}x; "
           f"decode@1000/decode@200 = {t['decode_ms'][1000] / t['decode_ms'][200]:.2f}x", end="")
+    top = max(rows)
+    if top > 1:
+        print(f"; each verify row past the first: {(t['rows_ms'][top] - t['rows_ms'][1]) / (top - 1):.1f} ms", end="")
     if "draft" in res:
         print(f"; draft step/target step = {res['draft']['rows_ms'][1] / t['rows_ms'][1]:.2f}x")
     else:

@@ -230,6 +230,24 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
+def cpu_clock() -> tuple:
+    """(wall s, CPU-busy s of the whole machine, CPU s of this process and its waited-for children)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")   # all but idle, iowait
+    except (OSError, ValueError, IndexError):
+        busy = float("nan")
+    t = os.times()
+    return time.time(), busy, t.user + t.system + t.children_user + t.children_system
+
+
+def others_cpu_share(start: tuple, end: tuple) -> float:
+    """Share of the machine's CPU time that other processes took during the run: the noise flag
+    (a benchmark beside compiles or tests measures the contention, not the engines)."""
+    wall = (end[0] - start[0]) * (os.cpu_count() or 1)
+    return max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / wall) if wall > 0 else 0.0
+
+
 def peer_version(bin_dir: Path) -> str:
     rc, text, _ = run_measured([str(bin_dir / "llama-completion"), "--version"], timeout=60)
     lines = [ln for ln in text.splitlines() if "version" in ln or "built with" in ln]
@@ -261,6 +279,7 @@ def run(args, log) -> dict:
         if missing:
             raise SystemExit(f"no {missing} in {args.llama_bin}: run ../shared/tools/llama-cpp-peer.sh build "
                              "(or pass --llama-bin)")
+    cpu0 = cpu_clock()
     engine = Engine.load(args.bundle, provider="cpu", threads=args.threads, draft_threads=args.threads)
     results, t0 = [], time.time()
     with tempfile.TemporaryDirectory(prefix="peer-bench-") as tmp:
@@ -272,6 +291,7 @@ def run(args, log) -> dict:
                       groups={"code": set(args.code_categories.split(","))})
     return {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "wall_s": round(time.time() - t0, 1), "machine": machine(),
+            "others_cpu_share": others_cpu_share(cpu0, cpu_clock()),
             "llama_cpp": peer_version(args.llama_bin) if peers else None,
             "bundle": str(args.bundle), "target_gguf": str(args.target_gguf), "draft_gguf": str(args.draft_gguf),
             "modes": names, "peer_modes": peers, "max_new_tokens": args.max_new_tokens, "threads": args.threads,
@@ -282,7 +302,9 @@ def report(out: dict, stream=sys.stdout, markdown: bool = False) -> None:
     m = out["machine"]
     print(f"{'' if not markdown else '_'}{m['cpu']}, {m['cores']} cores, {' '.join(m['simd'])}; "
           f"onnxruntime {m['onnxruntime']}; llama.cpp {out['llama_cpp']}; {out['max_new_tokens']} new tokens, "
-          f"greedy, {out['threads']} threads; {out['date']}{'' if not markdown else '_'}", file=stream)
+          f"greedy, {out['threads']} threads; {out['date']}; other processes used "
+          f"{out['others_cpu_share']:.0%} of the CPUs meanwhile (above a few %, the figures are noise)"
+          f"{'' if not markdown else '_'}", file=stream)
     print_category_tables(out["summary"], out["modes"], stream, markdown=markdown,
                           best_label="best llama.cpp" if out["peer_modes"] else None)
 

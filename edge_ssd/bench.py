@@ -6,8 +6,10 @@ hits every mode alike). Prints a table per prompt category and writes every resu
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
@@ -184,6 +186,24 @@ def print_category_tables(table: dict, modes: list, out=sys.stdout, markdown: bo
             for r in [head] + rows:
                 print(f"{r[0]:<{width}}" + "".join(f"{c:>{max(10, len(head[i + 1]) + 2)}}"
                                                   for i, c in enumerate(r[1:])), file=out)
+
+
+def cpu_clock() -> tuple:
+    """(wall s, CPU-busy s of the whole machine, CPU s of this process and its waited-for children)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")   # all but idle, iowait
+    except (OSError, ValueError, IndexError):
+        busy = float("nan")
+    t = os.times()
+    return time.time(), busy, t.user + t.system + t.children_user + t.children_system
+
+
+def others_cpu_share(start: tuple, end: tuple) -> float:
+    """Share of the machine's CPU time that other processes took during the run: the noise flag
+    (a benchmark beside compiles or tests measures the contention, not the engines)."""
+    wall = (end[0] - start[0]) * (os.cpu_count() or 1)
+    return max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / wall) if wall > 0 else 0.0
 
 
 def parse_mode(spec: str) -> dict:

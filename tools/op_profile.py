@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 import edge_ssd.model as model_mod
+from edge_ssd.bench import cpu_clock, others_cpu_share
 from edge_ssd.bundle import ModelEntry, load_bundle
 from edge_ssd.model import OnnxLM
 
@@ -142,15 +143,17 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     entry = getattr(load_bundle(args.bundle), args.role)
+    clock = cpu_clock()
     ref = reference_ms(entry, args.threads, args.context, args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         per_run, run_ms = profile_runs(entry, args.threads, args.context, args.steps, Path(tmp))
     res = summarize_profile(per_run, run_ms, streamed_bytes(entry.graph))
-    res.update(role=args.role, context=args.context, steps=args.steps, threads=args.threads, step_ms=ref)
+    res.update(others_cpu_share=others_cpu_share(clock, cpu_clock()), role=args.role, context=args.context, steps=args.steps, threads=args.threads, step_ms=ref)
     total_bytes = sum(g["weight_bytes"] for g in res["groups"].values())
     print(f"{args.role} step @{args.context}: {ref:.2f} ms unprofiled, {res['model_run_ms']:.2f} ms per profiled "
           f"run; {total_bytes / 1e6:.0f} MB of weights streamed per step ({total_bytes / ref / 1e6:.1f} GB/s "
           f"over the whole step)")
+    print(f"other processes took {res['others_cpu_share']:.0%} of the CPUs meanwhile (above a few %: noise)")
     print(f"{'group':<34}{'ms':>7}{'share':>7}{'nodes':>6}{'MB':>8}{'GB/s':>7}")
     for name, g in res["groups"].items():
         rate = f"{g['gb_per_s']:.1f}" if g["gb_per_s"] else ""

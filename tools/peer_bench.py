@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from edge_ssd.bench import parse_mode, print_category_tables, read_prompts, summarize
+from edge_ssd.bench import cpu_clock, others_cpu_share, parse_mode, print_category_tables, read_prompts, summarize
 from edge_ssd.errors import EdgeSSDError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -228,24 +228,6 @@ def machine() -> dict:
     return {"cpu": model, "cores": os.cpu_count(), "simd": sorted(flags & {"avx2", "avx512f", "avx512_vnni",
             "avx512_bf16", "avx_vnni", "amx_int8"}), "onnxruntime": onnxruntime.__version__,
             "python": platform.python_version()}
-
-
-def cpu_clock() -> tuple:
-    """(wall s, CPU-busy s of the whole machine, CPU s of this process and its waited-for children)."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")   # all but idle, iowait
-    except (OSError, ValueError, IndexError):
-        busy = float("nan")
-    t = os.times()
-    return time.time(), busy, t.user + t.system + t.children_user + t.children_system
-
-
-def others_cpu_share(start: tuple, end: tuple) -> float:
-    """Share of the machine's CPU time that other processes took during the run: the noise flag
-    (a benchmark beside compiles or tests measures the contention, not the engines)."""
-    wall = (end[0] - start[0]) * (os.cpu_count() or 1)
-    return max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / wall) if wall > 0 else 0.0
 
 
 def peer_version(bin_dir: Path) -> str:

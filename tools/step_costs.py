@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_ssd.bench import cpu_clock, others_cpu_share
 from edge_ssd.bundle import ModelEntry, load_bundle
 from edge_ssd.model import OnnxLM
 
@@ -74,7 +75,9 @@ def main() -> None:
     args = ap.parse_args()
     rows = tuple(sorted(set(args.rows) | {1, 5}))   # the summary line needs decode(1) and verify(5)
     b = load_bundle(args.bundle)
+    clock = cpu_clock()
     res = {m.role: measure(m, args.threads, args.reps, rows=rows) for m in (b.target, b.draft) if m is not None}
+    others = others_cpu_share(clock, cpu_clock())
     t = res["target"]
     print(f"{'model':<8}{'decode@200':>12}{'decode@1000':>13}" + "".join(f"{'rows=' + str(r):>9}" for r in rows)
           + f"{'row drift':>11}")
@@ -90,8 +93,10 @@ def main() -> None:
         print(f"; draft step/target step = {res['draft']['rows_ms'][1] / t['rows_ms'][1]:.2f}x")
     else:
         print()
+    print(f"other processes took {others:.0%} of the CPUs meanwhile (above a few %, these figures are noise)")
     if args.json:
-        args.json.write_text(json.dumps({"bundle": str(b.path), "threads": args.threads, **res}, indent=1))
+        args.json.write_text(json.dumps({"bundle": str(b.path), "threads": args.threads, "others_cpu_share": others,
+                                         **res}, indent=1))
 
 
 if __name__ == "__main__":

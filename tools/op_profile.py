@@ -2,7 +2,7 @@
 """Where one decode step of a bundle's model goes, op by op (ONNX Runtime's own profiler).
 
     python tools/op_profile.py --bundle models/qwen2.5-coder-0.5b-1.5b [--role draft] \\
-        [--context 200] [--steps 40] [--threads 2] [--json OUT]
+        [--context 200] [--steps 40] [--threads 2] [--stat median|min] [--json OUT]
 
 Times single-token steps at a fixed context (as tools/step_costs.py does), first without the
 profiler (the reference step), then with `SessionOptions.enable_profiling`, and splits each
@@ -30,6 +30,7 @@ from edge_ssd.bench import cpu_clock, others_cpu_share
 from edge_ssd.bundle import ModelEntry, load_bundle
 from edge_ssd.model import OnnxLM
 
+STATS = {"median": np.median, "min": np.min}   # min over runs: the uncontended cost on a shared machine
 ONNX_BYTES = {1: 4, 2: 1, 3: 1, 5: 2, 6: 4, 7: 8, 10: 2, 11: 8, 16: 2, 21: 1, 22: 1}  # TensorProto type -> bytes
 
 
@@ -89,11 +90,11 @@ def step(lm: OnnxLM, ctx: int, token: int) -> float:
     return time.perf_counter() - t0
 
 
-def reference_ms(entry: ModelEntry, threads: int, ctx: int, steps: int) -> float:
+def reference_ms(entry: ModelEntry, threads: int, ctx: int, steps: int, stat: str) -> float:
     lm = OnnxLM(entry, threads=threads, max_context=ctx + 32)
     lm.forward((np.arange(ctx) % 5000 + 100).tolist())
     ts = [step(lm, ctx, 1000 + i) for i in range(steps + 3)]
-    return 1000 * float(np.median(ts[3:]))
+    return 1000 * float(STATS[stat](ts[3:]))
 
 
 def profile_runs(entry: ModelEntry, threads: int, ctx: int, steps: int, folder: Path) -> tuple:
@@ -113,24 +114,32 @@ def profile_runs(entry: ModelEntry, threads: int, ctx: int, steps: int, folder: 
     return per_run, [r["dur"] / 1000 for r in runs]
 
 
-def summarize_profile(per_run: list, run_ms: list, nbytes: dict) -> dict:
-    groups = defaultdict(lambda: {"ms": 0.0, "bytes": 0, "nodes": set()})
-    for events in per_run:
+def summarize_profile(per_run: list, run_ms: list, nbytes: dict, stat: str = "median") -> dict:
+    """Per op group: ms per step (per node, the median or min over the runs, summed), share of
+    the step, weight bytes and the rate they stream at; the gap between kernels is the step
+    (same statistic) less the kernels."""
+    per_node = defaultdict(lambda: defaultdict(float))   # node -> run -> µs
+    op_of = {}
+    for i, events in enumerate(per_run):
         for e in events:
             node = e["name"][: -len("_kernel_time")]
-            g = groups[group_of(node, e["args"].get("op_name", "?"))]
-            g["ms"] += e["dur"] / 1000 / len(per_run)
-            g["nodes"].add(node)
-    for g in groups.values():
-        g["bytes"] = sum(nbytes.get(n, 0) for n in g["nodes"])
-    run = float(np.median(run_ms))
+            per_node[node][i] += e["dur"]
+            op_of[node] = e["args"].get("op_name", "?")
+    f = STATS[stat]
+    groups = defaultdict(lambda: {"ms": 0.0, "bytes": 0, "nodes": 0})
+    for node, runs in per_node.items():
+        g = groups[group_of(node, op_of[node])]
+        g["ms"] += float(f(list(runs.values()))) / 1000
+        g["bytes"] += nbytes.get(node, 0)
+        g["nodes"] += 1
+    run = float(f(run_ms))
     kernels = sum(g["ms"] for g in groups.values())
-    out = {name: {"ms": g["ms"], "share": g["ms"] / run, "nodes": len(g["nodes"]), "weight_bytes": g["bytes"],
+    out = {name: {"ms": g["ms"], "share": g["ms"] / run, "nodes": g["nodes"], "weight_bytes": g["bytes"],
                   "gb_per_s": g["bytes"] / g["ms"] / 1e6 if g["bytes"] > 1e6 and g["ms"] else None}
            for name, g in sorted(groups.items(), key=lambda kv: -kv[1]["ms"])}
     out["between kernels (ORT)"] = {"ms": run - kernels, "share": (run - kernels) / run, "nodes": 0,
                                     "weight_bytes": 0, "gb_per_s": None}
-    return {"model_run_ms": run, "groups": out}
+    return {"model_run_ms": run, "stat": stat, "groups": out}
 
 
 def main() -> None:
@@ -140,14 +149,16 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=200)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stat", choices=sorted(STATS), default="median",
+                    help="per node over the runs; min (with many steps) when others share the machine")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     entry = getattr(load_bundle(args.bundle), args.role)
     clock = cpu_clock()
-    ref = reference_ms(entry, args.threads, args.context, args.steps)
+    ref = reference_ms(entry, args.threads, args.context, args.steps, args.stat)
     with tempfile.TemporaryDirectory() as tmp:
         per_run, run_ms = profile_runs(entry, args.threads, args.context, args.steps, Path(tmp))
-    res = summarize_profile(per_run, run_ms, streamed_bytes(entry.graph))
+    res = summarize_profile(per_run, run_ms, streamed_bytes(entry.graph), args.stat)
     res.update(others_cpu_share=others_cpu_share(clock, cpu_clock()), role=args.role, context=args.context, steps=args.steps, threads=args.threads, step_ms=ref)
     total_bytes = sum(g["weight_bytes"] for g in res["groups"].values())
     print(f"{args.role} step @{args.context}: {ref:.2f} ms unprofiled, {res['model_run_ms']:.2f} ms per profiled "

@@ -2,7 +2,7 @@
 """Where one decode step of a bundle's model goes, op by op (ONNX Runtime's own profiler).
 
     python tools/op_profile.py --bundle models/qwen2.5-coder-0.5b-1.5b [--role draft] \\
-        [--context 200] [--steps 40] [--threads 2] [--stat median|min] [--json OUT]
+        [--rows 1] [--context 200] [--steps 40] [--threads 2] [--stat median|min] [--json OUT]
 
 Times single-token steps at a fixed context (as tools/step_costs.py does), first without the
 profiler (the reference step), then with `SessionOptions.enable_profiling`, and splits each
@@ -83,27 +83,28 @@ def streamed_bytes(graph_path: Path) -> dict:
     return out
 
 
-def step(lm: OnnxLM, ctx: int, token: int) -> float:
+def step(lm: OnnxLM, ctx: int, token: int, rows: int = 1) -> float:
+    """One forward of `rows` tokens (1: a decode step; K+1: a verification) at `ctx` tokens of context."""
     lm.truncate(ctx)
     t0 = time.perf_counter()
-    lm.forward([token])
+    lm.forward([token + i for i in range(rows)], keep=rows)
     return time.perf_counter() - t0
 
 
-def reference_ms(entry: ModelEntry, threads: int, ctx: int, steps: int, stat: str) -> float:
+def reference_ms(entry: ModelEntry, threads: int, ctx: int, steps: int, stat: str, rows: int) -> float:
     lm = OnnxLM(entry, threads=threads, max_context=ctx + 32)
     lm.forward((np.arange(ctx) % 5000 + 100).tolist())
-    ts = [step(lm, ctx, 1000 + i) for i in range(steps + 3)]
+    ts = [step(lm, ctx, 1000 + i, rows) for i in range(steps + 3)]
     return 1000 * float(STATS[stat](ts[3:]))
 
 
-def profile_runs(entry: ModelEntry, threads: int, ctx: int, steps: int, folder: Path) -> tuple:
-    """(per-run kernel events, per-run model_run durations) for `steps` one-token runs."""
+def profile_runs(entry: ModelEntry, threads: int, ctx: int, steps: int, folder: Path, rows: int) -> tuple:
+    """(per-run kernel events, per-run model_run durations) for `steps` runs of `rows` tokens."""
     with profiled_sessions(str(folder / entry.role)):
         lm = OnnxLM(entry, threads=threads, max_context=ctx + 32)
     lm.forward((np.arange(ctx) % 5000 + 100).tolist())
     for i in range(steps + 3):
-        step(lm, ctx, 1000 + i)
+        step(lm, ctx, 1000 + i, rows)
     trace = json.loads(Path(lm.session.end_profiling()).read_text())
     runs = sorted((e for e in trace if e.get("name") == "model_run"), key=lambda e: e["ts"])[-steps:]
     kernels = [e for e in trace if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
@@ -149,19 +150,20 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=200)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=1, help="tokens per run: 1 = decode step, K+1 = verify(K+1)")
     ap.add_argument("--stat", choices=sorted(STATS), default="median",
                     help="per node over the runs; min (with many steps) when others share the machine")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     entry = getattr(load_bundle(args.bundle), args.role)
     clock = cpu_clock()
-    ref = reference_ms(entry, args.threads, args.context, args.steps, args.stat)
+    ref = reference_ms(entry, args.threads, args.context, args.steps, args.stat, args.rows)
     with tempfile.TemporaryDirectory() as tmp:
-        per_run, run_ms = profile_runs(entry, args.threads, args.context, args.steps, Path(tmp))
+        per_run, run_ms = profile_runs(entry, args.threads, args.context, args.steps, Path(tmp), args.rows)
     res = summarize_profile(per_run, run_ms, streamed_bytes(entry.graph), args.stat)
-    res.update(others_cpu_share=others_cpu_share(clock, cpu_clock()), role=args.role, context=args.context, steps=args.steps, threads=args.threads, step_ms=ref)
+    res.update(others_cpu_share=others_cpu_share(clock, cpu_clock()), role=args.role, rows=args.rows, context=args.context, steps=args.steps, threads=args.threads, step_ms=ref)
     total_bytes = sum(g["weight_bytes"] for g in res["groups"].values())
-    print(f"{args.role} step @{args.context}: {ref:.2f} ms unprofiled, {res['model_run_ms']:.2f} ms per profiled "
+    print(f"{args.role} step of {args.rows} row(s) @{args.context}: {ref:.2f} ms unprofiled, {res['model_run_ms']:.2f} ms per profiled "
           f"run; {total_bytes / 1e6:.0f} MB of weights streamed per step ({total_bytes / ref / 1e6:.1f} GB/s "
           f"over the whole step)")
     print(f"other processes took {res['others_cpu_share']:.0%} of the CPUs meanwhile (above a few %: noise)")

@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 PEER_PREFIX = "llama.cpp/"
 CODE_CATEGORIES = ("coding",)
 RUN_TIMEOUT_S = 600
+NOISY_SHARE = 0.05      # others' share of the CPUs above which the tables are flagged as noise
 
 
 class PeerError(RuntimeError):
@@ -136,8 +137,10 @@ _PEAK = re.compile(r"\nPEAK_RSS_KIB=(\d+)\n?$")
 def run_measured(cmd: list, timeout: float = RUN_TIMEOUT_S) -> tuple:
     """Run a command; return (exit code, stdout + stderr, peak RSS of that command in bytes)."""
     with tempfile.TemporaryFile() as log:
+        # A process group of its own (to kill on a timeout), not a session: a new session is a new
+        # scheduler autogroup, which would run the peer at another CPU share than edge-ssd.
         proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _RSS_HELPER, *cmd], stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=log, stderr=subprocess.STDOUT, process_group=0)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired as e:
@@ -287,6 +290,11 @@ def report(out: dict, stream=sys.stdout, markdown: bool = False) -> None:
           f"greedy, {out['threads']} threads; {out['date']}; other processes used "
           f"{out['others_cpu_share']:.0%} of the CPUs meanwhile (above a few %, the figures are noise)"
           f"{'' if not markdown else '_'}", file=stream)
+    if out["others_cpu_share"] > NOISY_SHARE:
+        print(f"{'**' if markdown else ''}NOT A COMPARISON: other processes took {out['others_cpu_share']:.0%} of the "
+              f"CPUs. llama.cpp's spinning thread pool loses far more than ONNX Runtime when it shares the cores "
+              f"(measured: 1-5 tok/s instead of ~25 beside other work); rerun on a quiet machine."
+              f"{'**' if markdown else ''}", file=stream)
     print_category_tables(out["summary"], out["modes"], stream, markdown=markdown,
                           best_label="best llama.cpp" if out["peer_modes"] else None)
 

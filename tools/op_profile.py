@@ -165,8 +165,8 @@ def main() -> None:
                context=args.context, steps=args.steps, threads=args.threads, step_ms=ref)
     total_bytes = sum(g["weight_bytes"] for g in res["groups"].values())
     print(f"{args.role} step of {args.rows} row(s) @{args.context}: {ref:.2f} ms unprofiled, "
-          f"{res['model_run_ms']:.2f} ms per profiled run; {total_bytes / 1e6:.0f} MB of weights streamed per step ({total_bytes / ref / 1e6:.1f} GB/s "
-          f"over the whole step)")
+          f"{res['model_run_ms']:.2f} ms per profiled run; {total_bytes / 1e6:.0f} MB of weights streamed per step "
+          f"({total_bytes / ref / 1e6:.1f} GB/s over the whole step)")
     print(f"other processes took {res['others_cpu_share']:.0%} of the CPUs meanwhile (above a few %: noise)")
     print(f"{'group':<34}{'ms':>7}{'share':>7}{'nodes':>6}{'MB':>8}{'GB/s':>7}")
     for name, g in res["groups"].items():

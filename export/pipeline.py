@@ -19,7 +19,8 @@ from typing import Optional
 
 from edge_ssd import __version__
 from edge_ssd.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, Bundle, load_bundle, sha256_of
-from edge_ssd.progress import Bar, fmt_bytes, peak_rss_bytes, stage
+from edge_ssd.memory import fmt_bytes, peak_rss_bytes
+from edge_ssd.progress import Bar, stage
 
 from .graph import BUILDER_VERSION, Arch, QuantConfig, build_decoder, logits_width
 from .registry import CACHE

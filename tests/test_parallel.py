@@ -13,7 +13,7 @@ from edge_ssd.api import Engine, EngineOptions, placement
 from edge_ssd.costs import StepCosts
 from edge_ssd.decode import DecodeConfig, decode
 from edge_ssd.drafters import AutoDrafter, ModelDrafter, NgramDrafter
-from edge_ssd.governor import Reading
+from edge_ssd.memory import Reading
 from edge_ssd.model import OnnxLM
 from edge_ssd.parallel import ParallelDrafter
 from edge_ssd.sampling import SamplingParams

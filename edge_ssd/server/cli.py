@@ -1,0 +1,98 @@
+"""`edge-ssd serve` on the command line: its flags, and starting uvicorn."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Optional
+
+from ..cli_args import add_engine_args, add_request_args, engine_from_args, request_from_args
+from ..errors import EdgeSSDError
+from ..request import Request
+from .app import MiB, ServeOptions, build_app, require_serve_deps
+
+log = logging.getLogger("edge_ssd.server")
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """`edge-ssd serve`: the engine flags and generation flags of `generate` (as request defaults)."""
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (needs the serve extra)",
+                              description="Serve a bundle over an OpenAI-compatible HTTP API. Generation "
+                                          "flags are the defaults of requests that do not set them.")
+    add_engine_args(p)
+    add_request_args(p)
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--api-key", default=None,
+                   help="require Authorization: Bearer KEY (default: $EDGE_SSD_API_KEY if set)")
+    s.add_argument("--max-concurrency", type=int, default=1, help="requests generating at once")
+    s.add_argument("--queue", type=int, default=8, help="requests waiting for a slot; more get 429")
+    s.add_argument("--max-body", type=int, default=MiB, help="largest request body in bytes (413 beyond)")
+    s.add_argument("--max-tokens-cap", type=int, default=None,
+                   help="largest max_tokens a request may ask for (default: the context length)")
+    s.add_argument("--model-name", default=None, help="model id reported by the API (default: bundle name)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM")
+    return p
+
+
+def options_from_args(args) -> ServeOptions:
+    key = args.api_key if args.api_key is not None else os.environ.get("EDGE_SSD_API_KEY") or None
+    defaults = request_from_args(args)  # the generation flags exactly as `generate` reads them
+    return ServeOptions(model_name=args.model_name, api_key=key, max_concurrency=args.max_concurrency,
+                        queue=args.queue, max_body_bytes=args.max_body, max_tokens_cap=args.max_tokens_cap,
+                        defaults=defaults)
+
+
+def check_defaults(engine, defaults: Request) -> None:
+    """Fail at start, not on every request, when the generation flags do not suit this engine
+    (it prepares a request without running it)."""
+    engine.stream("ok", request=defaults, raw=True).close()
+
+
+def serve(args) -> int:
+    """Load the bundle and serve until SIGTERM / Ctrl-C. EdgeSSDError for bad flags."""
+    require_serve_deps()
+    import uvicorn
+
+    if not 0 < args.port < 65536:
+        raise EdgeSSDError(f"--port must be in 1..65535, got {args.port}")
+    options = options_from_args(args)
+    engine = engine_from_args(args)
+    check_defaults(engine, options.defaults)
+    app = build_app(engine, options)
+    srv = app.state.edge_ssd
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
+        log.warning("listening on %s without --api-key: anyone who can reach this port can use the model",
+                    args.host)
+    print(f"edge-ssd serve: model {srv.model!r}, providers {engine.providers()}, http://{args.host}:{args.port}/v1 "
+          f"(slots {options.max_concurrency}, queue {options.queue})", flush=True)
+    verbose = logging.getLogger().isEnabledFor(logging.INFO)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if verbose else "warning",
+                access_log=verbose, timeout_graceful_shutdown=args.shutdown_timeout, server_header=False,
+                proxy_headers=False)
+    return 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    """`python -m edge_ssd.server --bundle DIR ...`: the same as `edge-ssd serve`."""
+    import sys
+
+    ap = argparse.ArgumentParser(prog="edge-ssd")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    add_serve_parser(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(a in ("-v", "--verbose") for a in argv)
+    argv = [a for a in argv if a not in ("-v", "--verbose")]
+    argv = ["serve"] + (argv[1:] if argv[:1] == ["serve"] else argv)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return serve(args)
+    except EdgeSSDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+

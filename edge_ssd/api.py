@@ -64,8 +64,9 @@ class Result:
 class Stream:
     """Iterate for text pieces; `result` is set once the iteration ends.
 
-    `close()` (or leaving a `with` block) stops the request after the current round and
-    releases the engine. The generator never refers back to its Stream, so a stream nobody
+    `close()` (or leaving a `with` block) stops the request after the current round (or
+    prefill chunk) and releases the engine. While a long prompt is read the stream yields
+    empty pieces between its chunks, so a consumer can stop it there. The generator never refers back to its Stream, so a stream nobody
     holds any more is closed as soon as it is dropped.
     """
 
@@ -132,11 +133,14 @@ class Engine:
             self.draft = OnnxLM(bundle.draft, draft_provider, draft_threads, allocate=False)
             weights["draft"] = max(reader().rss - rss1, bundle.draft.weight_bytes // 2)
             kv["draft"] = bundle.draft.kv_bytes_per_token
+        self._draft_placement = (draft_provider, draft_threads)
+        self._draft_weights = weights.get("draft", 0)
+        self._draft_dropped = False
         self.plan = self.governor.plan(weights, kv, bundle.target.vocab_size,
                                        options.max_context or DEFAULT_CONTEXT, K_LIMIT, bundle.target.max_context,
                                        bundle.target.quant.get("weights", ""), DEFAULT_FANOUT if use_draft else 0)
         if not self.plan.use_draft:
-            self._drop_draft()
+            self.draft = None  # it does not fit the budget at all: not taken back later
         self.target.allocate(self.plan.max_context)
         if self.draft is not None:
             self.draft.allocate(self.plan.max_context)
@@ -181,8 +185,24 @@ class Engine:
         return out
 
     def _drop_draft(self) -> None:
-        """Free the draft model (weights and cache): plain target decoding from now on."""
+        """Free the draft model (weights and cache): plain target decoding until it fits again."""
         self.draft = None
+        self._draft_dropped = self.bundle.draft is not None and self.options.load_draft
+
+    def _retake_draft(self) -> None:
+        """Load the draft again, between requests, once memory pressure has passed: its weights
+        and cache fit the budget and what is available, with the governor's margin."""
+        if not self._draft_dropped or self._lock.locked():
+            return
+        entry, g = self.bundle.draft, self.governor
+        need = self._draft_weights + entry.kv_bytes_per_token * self.plan.max_context + g.margin
+        r = g.reader()
+        if r.rss + need > g.budget or r.available < need + g.margin:
+            return
+        draft = OnnxLM(entry, self._draft_placement[0], self._draft_placement[1], allocate=False)
+        draft.allocate(self.plan.max_context)
+        self.draft, self._draft_dropped, g.k_cap, g.fanout_cap = draft, False, None, None
+        log.info("memory allows the draft model again: speculative decoding resumes")
 
     def providers(self) -> dict:
         """What really runs each model (onnxruntime's own answer)."""
@@ -210,6 +230,7 @@ class Engine:
 
     def _prepare(self, req: Request) -> tuple:
         """Token ids, the loop's config and the drafter: every check that can fail before decoding."""
+        self._retake_draft()
         cfg = DecodeConfig(max_new_tokens=req.max_new_tokens, k=req.fixed_k, k_min=req.k_min, k_max=req.k_max,
                            sampling=req.sampling, eos_ids=self.tokenizer.eos_ids)
         drafter = self._drafter(req)
@@ -264,8 +285,8 @@ class Engine:
                 try:
                     for new in gen:
                         tokens += new
-                        piece = text.push(new)
-                        if piece:
+                        piece = text.push(new) if new else ""
+                        if piece or not new:  # an empty piece: the prompt is still being read
                             yield piece
                         if text.stopped:
                             stats.finish_reason = FinishReason.STOP

@@ -17,9 +17,9 @@ import numpy as np
 from .costs import StepCosts
 from .drafters import Drafter, DraftRound
 from .enums import DraftSource, FinishReason, GovernorAction
-from .errors import RequestError
-from .governor import Governor
-from .model import OnnxLM
+from .errors import MemoryBudgetError, RequestError
+from .governor import Governor, prefill_bytes_per_token
+from .model import OnnxLM, prefill
 from .policy import SpecPolicy
 from .sampling import SamplingParams, accept_greedy, accept_sampled, pick
 from .stats import Stats
@@ -65,7 +65,8 @@ def _draft_round(policy: SpecPolicy, drafter: Drafter, room: int, governor: Opti
 def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: DecodeConfig,
            stats: Stats, costs: Optional[StepCosts] = None, governor: Optional[Governor] = None,
            on_drop_draft: Callable[[], None] = lambda: None, learned: Optional[dict] = None) -> Iterator[list]:
-    """Yield each round's committed new tokens; fill `stats` as it goes.
+    """Yield each round's committed new tokens (an empty list between prefill chunks, where a
+    consumer may stop a long prompt); fill `stats` as it goes.
 
     drafter None is plain target decoding: the `ar` baseline. costs (shared across requests)
     are needed for auto K and are kept current with the steps this request runs. The governor,
@@ -87,9 +88,17 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
     t_start = time.perf_counter()
     stats.prompt_tokens = len(prompt)
     target.reset()
+    chunk = len(prompt)
+    if governor is not None:
+        e = target.entry
+        chunk = governor.prefill_chunk(prefill_bytes_per_token(e.hidden_size, e.num_heads, len(prompt)))
     if drafter is not None:
-        drafter.start(prompt)
-    logits = target.forward(prompt, keep=1)
+        drafter.start(prompt, chunk)
+    for i, logits in enumerate(prefill(target, prompt, chunk)):
+        if (i + 1) * chunk < len(prompt):  # between chunks: check memory; the consumer may stop here
+            if governor is not None and governor.check(0, False) is GovernorAction.ABORT:
+                raise MemoryBudgetError(governor.abort_message())
+            yield []
     new = [pick(logits[0], sp, rng)]
     t_first = time.perf_counter()
     stats.prefill_s = t_first - t_start

@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .enums import DraftSource
-from .model import OnnxLM
+from .model import OnnxLM, prefill
 from .policy import DecayedRate, best_length
 from .sampling import SamplingParams, probs, sample
 
@@ -79,8 +79,9 @@ class Drafter(abc.ABC):
     fanout: int = 0           # parallel branches held per round (the governor may lower it)
 
     @abc.abstractmethod
-    def start(self, prompt: list) -> None:
-        """A new request: forget the last one, take in the prompt."""
+    def start(self, prompt: list, prefill_chunk: Optional[int] = None) -> None:
+        """A new request: forget the last one, take in the prompt (a model feeds it
+        `prefill_chunk` tokens per forward, to stay inside the memory budget; None: at once)."""
 
     @abc.abstractmethod
     def propose(self, seq: list, rnd: DraftRound) -> Proposal:
@@ -133,10 +134,11 @@ class ModelDrafter(Drafter):
         self.target_vocab = target_vocab
         self.keep_rows = False  # parallel mode reads the draft's candidates from each row
 
-    def start(self, prompt: list) -> None:
+    def start(self, prompt: list, prefill_chunk: Optional[int] = None) -> None:
         """Prefill the draft's cache with the prompt (part of the request's prefill time)."""
         self.lm.reset()
-        self.lm.forward(prompt, keep=1)
+        for _ in prefill(self.lm, prompt, prefill_chunk or len(prompt)):
+            pass
 
     def propose(self, seq: list, rnd: DraftRound) -> Proposal:
         if rnd.k <= 0 or not rnd.model_pays:
@@ -184,7 +186,7 @@ class NgramDrafter(Drafter):
         self.arr = np.empty(0, np.int64)  # the committed sequence, grown in place
         self.n = 0
 
-    def start(self, prompt: list) -> None:
+    def start(self, prompt: list, prefill_chunk: Optional[int] = None) -> None:
         self.arr = np.empty(max(256, 2 * len(prompt)), np.int64)
         self.arr[: len(prompt)] = prompt
         self.n = len(prompt)
@@ -248,10 +250,10 @@ class AutoDrafter(Drafter):
     def draft_share(self) -> float:
         return self.model.draft_share if self.model is not None else 1.0
 
-    def start(self, prompt: list) -> None:
+    def start(self, prompt: list, prefill_chunk: Optional[int] = None) -> None:
         self.ngram.start(prompt)
         if self.model is not None:
-            self.model.start(prompt)
+            self.model.start(prompt, prefill_chunk)
 
     def _ngram_length(self, available: int, rnd: DraftRound) -> int:
         if rnd.verify_cost is None:

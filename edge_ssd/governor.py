@@ -30,6 +30,16 @@ MiB = 1 << 20
 MIN_CONTEXT = 256
 DEFAULT_SHARE = 0.8         # default budget: this share of the memory available at load
 MARGIN = 64 * MiB           # never plan to the last byte: allocator slack, Python, tokenizer
+PREFILL_CHUNK_MAX = 512     # prompt tokens per forward: enough rows for efficient matmuls (llama.cpp's micro-batch)
+PREFILL_CHUNK_MIN = 16      # below this a long prompt takes too many forwards; the budget is short anyway
+ACTIVATION_WIDTH = 24       # fp32 activations per prompt token in one layer, in hidden sizes (q/k/v/o,
+                            # the MLP's gate, up and down, norms): a deliberate overestimate
+
+
+def prefill_bytes_per_token(hidden_size: int, num_heads: int, context: int) -> int:
+    """Working memory per prompt token of one forward at `context` tokens: its activations and
+    its attention scores against the whole context (one fp32 row per head)."""
+    return 4 * (ACTIVATION_WIDTH * hidden_size + num_heads * context)
 
 
 @dataclass
@@ -85,6 +95,15 @@ class Governor:
             + "a shorter --max-context, a larger --memory-budget, a smaller target model, "
             "or free memory on this device"
         )
+
+    def prefill_chunk(self, bytes_per_token: int) -> int:
+        """The longest prefill chunk whose working memory fits what the budget has left now."""
+        r = self.reader()
+        headroom = min(self.budget - r.rss, r.available) - self.margin
+        chunk = PREFILL_CHUNK_MAX
+        while chunk > PREFILL_CHUNK_MIN and chunk * bytes_per_token > headroom:
+            chunk //= 2
+        return chunk
 
     # -- between rounds -----------------------------------------------------------------------
     def check(self, k: int, have_draft: bool, fanout: int = 0) -> GovernorAction:

@@ -8,7 +8,7 @@ are ignored (attention reads `seqlens_k`) and overwritten by the next step.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -123,3 +123,12 @@ class OnnxLM:
 
     def reset(self) -> None:
         self.length = 0
+
+
+def prefill(lm, ids: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    """Feed a long prompt to `lm` `chunk` tokens per forward, yielding the logits after each:
+    the working memory of a forward grows with its rows times the context, so a bounded chunk
+    bounds the peak, and the caller may stop (or check memory) between chunks. The last item
+    is the logits row after the whole prompt."""
+    for start in range(0, len(ids), max(1, chunk)):
+        yield lm.forward(ids[start:start + chunk], keep=1)

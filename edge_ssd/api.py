@@ -27,17 +27,18 @@ from typing import Callable, Iterator, Optional
 from .bundle import STAMP_CACHE, Bundle, load_bundle
 from .costs import StepCosts, cached_calibration
 from .decode import DecodeConfig, decode
-from .drafters import AutoDrafter, Drafter, ModelDrafter, NgramDrafter
+from .drafters import AutoDrafter, Drafter, ModelDrafter
 from .enums import FinishReason
 from .errors import BundleError, RequestError
 from .governor import Governor
+from .lookup import TokenStore, lookup_drafters
 from .memory import Reading, read_memory
 from .model import OnnxLM
 from .parallel import ParallelDrafter
 from .providers import resolve
 from .request import DEFAULT_FANOUT, K_LIMIT, Request
 from .stats import Stats
-from .text import TextStream, Tokenizer, build_prompt
+from .text import Piece, TextStream, Tokenizer, build_prompt
 
 log = logging.getLogger("edge_ssd")
 
@@ -138,7 +139,8 @@ class Engine:
         self._draft_dropped = False
         self.plan = self.governor.plan(weights, kv, bundle.target.vocab_size,
                                        options.max_context or DEFAULT_CONTEXT, K_LIMIT, bundle.target.max_context,
-                                       bundle.target.quant.get("weights", ""), DEFAULT_FANOUT if use_draft else 0)
+                                       bundle.target.quant.get("weights", ""), DEFAULT_FANOUT if use_draft else 0,
+                                       extra=TokenStore.max_bytes())
         if not self.plan.use_draft:
             self.draft = None  # it does not fit the budget at all: not taken back later
         self.target.allocate(self.plan.max_context)
@@ -149,6 +151,7 @@ class Engine:
         self._holder: Optional[tuple] = None  # (thread id, weak ref to the Stream) holding the engine
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-ssd-draft")
         self.learned: dict = {}  # acceptance estimates carried from request to request
+        self.suffix_cache = TokenStore()  # earlier requests' outputs, a draft source for later ones
         key = {"bundle": bundle.manifest["models"]["target"]["files"][-1]["sha256"],
                "draft": (bundle.manifest["models"].get("draft") or {}).get("files", [{}])[-1].get("sha256"),
                "provider": self.provider, "threads": [threads, draft_threads, cores],
@@ -226,7 +229,9 @@ class Engine:
                 raise RequestError("drafter 'model' needs a draft model, and this bundle (or engine) has none",
                                    param="drafter")
             return model
-        return AutoDrafter(model if req.drafter == "auto" else None, NgramDrafter(), self.learned)
+        prediction = self.tokenizer.encode(req.prediction, bos=False) if req.prediction else None
+        return AutoDrafter(model if req.drafter == "auto" else None, lookup_drafters(prediction, self.suffix_cache),
+                           self.learned)
 
     def _prepare(self, req: Request) -> tuple:
         """Token ids, the loop's config and the drafter: every check that can fail before decoding."""
@@ -275,8 +280,13 @@ class Engine:
         out: dict = {}
         me: list = []        # a weak reference to the Stream, set below: no cycle through the generator
 
+        stats = Stats(mode=req.mode)
+
+        def labelled(piece: str, start: int) -> str:
+            """With show_sources, the piece with the source of each of its tokens' text."""
+            return Piece(piece, text.spans(start, text.sent, stats.token_sources)) if req.show_sources else piece
+
         def pieces() -> Iterator[str]:
-            stats = Stats(mode=req.mode)
             tokens: list = []
             self._hold(me[0])
             try:
@@ -285,19 +295,22 @@ class Engine:
                 try:
                     for new in gen:
                         tokens += new
+                        start = text.sent
                         piece = text.push(new) if new else ""
                         if piece or not new:  # an empty piece: the prompt is still being read
-                            yield piece
+                            yield labelled(piece, start)
                         if text.stopped:
                             stats.finish_reason = FinishReason.STOP
                             break
                 finally:
                     gen.close()
+                self.suffix_cache.add(tokens)  # under the lock: drafters of other requests read it
             finally:
                 self._let_go()
+            start = text.sent
             tail = text.finish()
             if tail:
-                yield tail
+                yield labelled(tail, start)
             out["result"] = Result(text.full_text, tokens, {**stats.to_json(), "memory": self.plan.to_json()},
                                    stats.finish_reason, stats.error)
 

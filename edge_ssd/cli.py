@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import IO, Optional
 
 from .cli_args import PROVIDER_CHOICES, add_engine_args, add_request_args, engine_from_args, request_from_args
+from .enums import DraftSource
 from .errors import EdgeSSDError, RequestError
 from .outputs import check_output, replace_when_done
 from .request import DEFAULTS, Request
@@ -32,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--input", type=Path, help="JSONL batch: one request object a line")
     g.add_argument("--output", type=Path, help="JSONL results for --input (default: stdout)")
     g.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
+    g.add_argument("--prediction", type=Path, default=None,
+                   help="a file with the output you expect (e.g. the code before an edit): drafting follows "
+                        "it where the output matches; the output is the target's own")
+    g.add_argument("--show-drafts", action="store_true",
+                   help="colour the text by where each token came from: the draft model, an n-gram, the target")
     i = sub.add_parser("info", help="providers, memory, and a bundle summary (with --bundle: loads it)")
     i.add_argument("--bundle", default=None)
     i.add_argument("--provider", default="auto", choices=PROVIDER_CHOICES)
@@ -48,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", type=Path, default=None, help="write all results here")
     add_serve_parser(sub)
     return ap
+
+
+def _read_text(path: Path, flag: str) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except (OSError, ValueError) as e:
+        raise EdgeSSDError(f"cannot read {flag} {path}: {e}") from e
 
 
 def _read_messages(path: Path) -> list:
@@ -69,7 +82,10 @@ def cmd_generate(args) -> int:
         if args.output:
             check_output(args.output, [args.input])
         return _batch(engine_from_args(args), base, args)
-    req = base.with_fields({"messages": _read_messages(args.messages)} if args.messages else {"prompt": args.prompt})
+    fields = {"messages": _read_messages(args.messages)} if args.messages else {"prompt": args.prompt}
+    if args.prediction:
+        fields["prediction"] = _read_text(args.prediction, "--prediction")
+    req = base.with_fields(fields)
     engine = engine_from_args(args)
     if args.json:
         res = engine.generate(request=req)
@@ -77,9 +93,12 @@ def cmd_generate(args) -> int:
         if res.error:
             print(f"error: {res.error}", file=sys.stderr)
         return 1 if res.error else 0
+    if args.show_drafts:
+        req = req.with_fields({"show_sources": True})
+        print(" ".join(f"{COLOURS[src]}{src}{RESET}" for src in DraftSource), file=sys.stderr)
     with engine.stream(request=req) as stream:
         for piece in stream:
-            sys.stdout.write(piece)
+            sys.stdout.write(coloured(piece) if args.show_drafts else piece)
             sys.stdout.flush()
     sys.stdout.write("\n")
     if stream.result.error:
@@ -87,6 +106,17 @@ def cmd_generate(args) -> int:
         return 1
     _print_stats(stream.result.stats)
     return 0
+
+
+COLOURS = {DraftSource.MODEL: "\x1b[32m", DraftSource.NGRAM: "\x1b[36m", DraftSource.SUFFIX: "\x1b[34m",
+           DraftSource.PREDICTION: "\x1b[35m", DraftSource.TARGET: "\x1b[0m"}
+RESET = "\x1b[0m"
+
+
+def coloured(piece) -> str:
+    """A piece with ANSI colours by source: green the draft model's, cyan prompt lookup's, blue the
+    suffix cache's, magenta the prediction's, plain the target's own."""
+    return "".join(f"{COLOURS.get(src, '')}{text}{RESET}" for text, src in piece.spans)
 
 
 def _print_stats(s: dict) -> None:

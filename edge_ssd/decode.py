@@ -96,10 +96,10 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
         drafter.start(prompt, chunk)
     for i, logits in enumerate(prefill(target, prompt, chunk)):
         if (i + 1) * chunk < len(prompt):  # between chunks: check memory; the consumer may stop here
-            if governor is not None and governor.check(0, False) is GovernorAction.ABORT:
+            if governor is not None and governor.check(0, False) == GovernorAction.ABORT:
                 raise MemoryBudgetError(governor.abort_message())
             yield []
-    new = [pick(logits[0], sp, rng)]
+    new, src = [pick(logits[0], sp, rng)], [DraftSource.TARGET]
     t_first = time.perf_counter()
     stats.prefill_s = t_first - t_start
     seq = list(prompt)
@@ -109,6 +109,7 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
             new, reason = _clip(new, cfg.eos_ids, cfg.max_new_tokens - produced)
             seq += new
             produced += len(new)
+            stats.token_sources += src[:len(new)]
             if new:
                 yield new
             if reason:
@@ -123,12 +124,12 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
             if governor is not None:
                 act = governor.check(policy.budget(room) if policy else 0, drafter is not None,
                                      drafter.fanout if drafter is not None else 0)
-                if act is not GovernorAction.OK:
+                if act != GovernorAction.OK:
                     stats.memory_events.append(act)
-                if act is GovernorAction.ABORT:
+                if act == GovernorAction.ABORT:
                     stats.finish_reason, stats.error = FinishReason.MEMORY, governor.abort_message()
                     return
-                if act is GovernorAction.DROP_DRAFT:
+                if act == GovernorAction.DROP_DRAFT:
                     drafter.release()
                     drafter = policy = None
                     on_drop_draft()
@@ -143,7 +144,7 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
                 for s in prop.step_s:
                     costs_seen.observe_draft(s)
             if prop is None or not prop.tokens:
-                new = [pick(target.forward([seq[-1]])[0], sp, rng)]
+                new, src = [pick(target.forward([seq[-1]])[0], sp, rng)], [DraftSource.TARGET]
                 dt = time.perf_counter() - t1
                 stats.verify_s += dt
                 if costs_seen is not None:
@@ -165,7 +166,7 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
             drafter.commit(len(seq) + n)
             policy.observe(prop.conf, n)
             stats.record_round(k, n, prop.source)
-            new = prop.tokens[:n] + [bonus]
+            new, src = prop.tokens[:n] + [bonus], [prop.source] * n + [DraftSource.TARGET]
     finally:
         if drafter is not None:
             stats.parallel = drafter.parallel_stats()

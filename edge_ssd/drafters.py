@@ -213,27 +213,33 @@ class NgramDrafter(Drafter):
 
 
 class AutoDrafter(Drafter):
-    """Per round: the n-gram proposal when it is expected to pay more than the draft model.
+    """Per round: the best paying free proposal (lookups: a prediction, prompt lookup, the
+    suffix cache), else the draft model.
 
-    N-gram tokens cost no drafting, only verification rows, and on a CPU a row is not free,
-    so a proposal is cut to the length L that maximizes (1 + sum_{i<=L} a^i) / verify(L+1) at
-    the n-gram's tracked per-token acceptance a, and taken whenever that beats a plain step;
-    the draft model drafts the rounds without a paying match (docs/benchmarks.md compares
-    this rule with weighing the match against the model's expected rate). A match passed
-    over PROBE_AFTER times is tried anyway (two tokens), so a bad start is not final. With no
+    Lookup tokens cost no drafting, only verification rows, and on a CPU a row is not free,
+    so each proposal is cut to the length L that maximizes (1 + sum_{i<=L} a^i) / verify(L+1)
+    at its source's tracked per-token acceptance a; the proposal with the best expected rate
+    is taken whenever that beats a plain step, and the draft model drafts the rounds without
+    one (docs/architecture.md, "Drafters", says why this rule). A match passed over
+    PROBE_AFTER times is tried anyway (two tokens), so a bad start is not final. With no
     draft model this is the `ngram` drafter.
     """
 
     PROBE_AFTER = 6          # matches passed over before one is tried anyway
     PROBE_TOKENS = 2         # tokens such a probe proposes
-    PRIOR = (1.4, 2.0)       # per-token acceptance 0.7, two tokens' worth, before any match is tested
+    PRIORS = {               # per-token acceptance before a source is tested, as (hits, seen)
+        DraftSource.NGRAM: (1.4, 2.0),        # 0.7: text that repeats the prompt tends to go on repeating it
+        DraftSource.SUFFIX: (1.0, 2.0),       # 0.5: earlier answers are a weaker guide than this one's prompt
+        DraftSource.PREDICTION: (1.8, 2.0),   # 0.9: the caller expects the output to follow it
+    }
     DECAY = 0.95             # matches come and go with the text: a shorter memory than the model's
     CARRY_TOKENS = 6.0       # evidence handed to the next request, in tokens
 
-    def __init__(self, model: Optional[Drafter], ngram: NgramDrafter, learned: Optional[dict] = None):
-        self.model, self.ngram = model, ngram
+    def __init__(self, model: Optional[Drafter], lookups: Sequence[Drafter], learned: Optional[dict] = None):
+        self.model, self.lookups = model, list(lookups)
         self.learned = learned if learned is not None else {}
-        self.rate = DecayedRate(*self.learned.get("ngram", self.PRIOR), decay=self.DECAY)
+        self.rates = {src: DecayedRate(*self.learned.get(str(src), prior), decay=self.DECAY)
+                      for src, prior in self.PRIORS.items()}
         self._skipped = 0
         self._last: Optional[Proposal] = None
         self._base = 0
@@ -251,27 +257,36 @@ class AutoDrafter(Drafter):
         return self.model.draft_share if self.model is not None else 1.0
 
     def start(self, prompt: list, prefill_chunk: Optional[int] = None) -> None:
-        self.ngram.start(prompt)
+        for d in self.lookups:
+            d.start(prompt, prefill_chunk)
         if self.model is not None:
             self.model.start(prompt, prefill_chunk)
 
-    def _ngram_length(self, available: int, rnd: DraftRound) -> int:
+    def _cut(self, prop: Proposal, rnd: DraftRound) -> tuple:
+        """(tokens worth proposing, expected tokens per second) of a lookup proposal."""
         if rnd.verify_cost is None:
-            return available
-        n = best_length(self.rate.value, range(available + 1), lambda n: rnd.verify_cost(n + 1))[0]
-        if n == 0 and self._skipped >= self.PROBE_AFTER:
-            n = min(self.PROBE_TOKENS, available)
-        return n
+            return len(prop.tokens), float(len(prop.tokens))
+        return best_length(self.rates[prop.source].value, range(len(prop.tokens) + 1),
+                           lambda n: rnd.verify_cost(n + 1))
 
     def propose(self, seq: list, rnd: DraftRound) -> Proposal:
         self._base = len(seq)
-        tokens = self.ngram.lookup(seq, rnd.k) if rnd.k > 0 else []
-        n = self._ngram_length(len(tokens), rnd) if tokens else 0
-        if n:
+        best, best_n, best_rate, seen = None, 0, 0.0, None
+        for d in self.lookups if rnd.k > 0 else ():
+            prop = d.propose(seq, rnd)
+            if not prop.tokens:
+                continue
+            seen = seen or prop
+            n, rate = self._cut(prop, rnd)
+            if n and rate > best_rate:
+                best, best_n, best_rate = prop, n, rate
+        if best is None and seen is not None and self._skipped >= self.PROBE_AFTER:
+            best, best_n = seen, min(self.PROBE_TOKENS, len(seen.tokens))
+        if best is not None:
             self._skipped = 0
-            prop = Proposal(tokens[:n], None, [], DraftSource.NGRAM)
+            prop = Proposal(best.tokens[:best_n], None, [], best.source)
         else:
-            self._skipped += bool(tokens)
+            self._skipped += seen is not None
             prop = self.model.propose(seq, rnd) if self.model is not None else Proposal([], source=DraftSource.NGRAM)
         self._last = prop
         return prop
@@ -284,9 +299,10 @@ class AutoDrafter(Drafter):
         if self.model is not None:
             self.model.commit(n_valid)
         prop, n = self._last, n_valid - self._base
-        if prop is not None and prop.source == DraftSource.NGRAM and prop.tokens:
-            self.rate.observe(n, min(len(prop.tokens), n + 1))
-            self.learned["ngram"] = self.rate.carried(self.CARRY_TOKENS)
+        if prop is not None and prop.source in self.rates and prop.tokens:
+            rate = self.rates[prop.source]
+            rate.observe(n, min(len(prop.tokens), n + 1))
+            self.learned[str(prop.source)] = rate.carried(self.CARRY_TOKENS)
         self._last = None
 
     def release(self) -> None:

@@ -29,7 +29,11 @@ class GovernorAction(StrEnum):
 
 
 class DraftSource(StrEnum):
-    """Where a proposal came from (per-source stats; the server's token colouring)."""
+    """Where a token came from: a drafter whose proposal the target accepted, or the target's
+    own token (per-source stats; the token colouring of the chat page and --show-drafts)."""
 
     MODEL = "model"
-    NGRAM = "ngram"
+    NGRAM = "ngram"            # prompt lookup: the request's own prompt and output
+    SUFFIX = "suffix"          # the suffix cache: earlier requests' outputs
+    PREDICTION = "prediction"  # the caller's predicted output
+    TARGET = "target"

@@ -71,9 +71,11 @@ class Governor:
 
     # -- load -------------------------------------------------------------------------------
     def plan(self, weights: dict, kv_per_token: dict, vocab: int, want_context: int, want_k: int,
-             model_max_context: int, target_quant: str = "", fanout: int = 0) -> Plan:
-        """Largest context (and K) that fit; drop the draft if only the target fits; else refuse."""
-        fixed = self.base_rss + self.margin
+             model_max_context: int, target_quant: str = "", fanout: int = 0, extra: int = 0) -> Plan:
+        """Largest context (and K) that fit; drop the draft if only the target fits; else refuse.
+
+        extra: bytes held beside the models whatever the context (the suffix cache's bound)."""
+        fixed = self.base_rss + self.margin + extra
         # logits and probability rows, plus parallel mode's branches (q rows when sampling)
         logits = lambda k: (k + 1) * vocab * 4 * (3 + (fanout if k else 0))  # noqa: E731
         for use_draft in ((True, False) if "draft" in weights else (False,)):

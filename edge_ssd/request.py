@@ -77,6 +77,8 @@ class Request:
     top_k: int = 0
     seed: Optional[int] = None
     stop: tuple = ()
+    show_sources: bool = False             # pieces carry spans: which drafter each token came from
+    prediction: Optional[str] = None       # the output as the caller expects it (a draft source, lossless)
     sampling: SamplingParams = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -86,8 +88,11 @@ class Request:
             check_text(self.prompt, "prompt", "the prompt")
         if self.messages is not None:
             validate_messages(self.messages)
-        if not isinstance(self.raw, bool):
-            raise RequestError(f"raw must be a boolean, got {self.raw!r}", param="raw")
+        if self.prediction is not None:
+            check_text(self.prediction, "prediction", "the prediction")
+        for name in ("raw", "show_sources"):
+            if not isinstance(getattr(self, name), bool):
+                raise RequestError(f"{name} must be a boolean, got {getattr(self, name)!r}", param=name)
         if self.mode not in MODES:
             raise RequestError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}", param="mode")
         if self.drafter not in DRAFTERS:

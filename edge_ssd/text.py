@@ -7,6 +7,7 @@ is still found and never shown.
 """
 from __future__ import annotations
 
+import bisect
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -24,9 +25,11 @@ class Tokenizer:
         self.eos_ids = frozenset(int(i) for i in meta.get("eos_ids", []))
         self.bos_id = self.tok.token_to_id(meta["bos_token"]) if meta.get("add_bos") and meta.get("bos_token") else None
 
-    def encode(self, text: str) -> list:
+    def encode(self, text: str, bos: bool = True) -> list:
+        """Token ids of `text`, after the model's BOS token where it takes one (bos False: a
+        fragment, such as a predicted output, that is not a sequence's start)."""
         ids = self.tok.encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if self.bos_id is not None else []) + ids
+        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
@@ -78,13 +81,26 @@ class TextStream:
         self.text = ""    # all decoded text so far (stable part)
         self.sent = 0     # chars of self.text already emitted
         self.stopped = False
+        self.marks: list = [(0, 0)]  # (chars of text, ids they decode) after each append: spans()
 
     def _decode_new(self) -> None:
         before = self.tok.decode(self.ids[self.prefix:self.read])
         after = self.tok.decode(self.ids[self.prefix:])
         if len(after) > len(before) and not after.endswith(REPLACEMENT):
+            self._mark_tokens(before, after)
             self.text += after[len(before):]
             self.prefix, self.read = self.read, len(self.ids)
+            self.marks.append((len(self.text), len(self.ids)))
+
+    def _mark_tokens(self, before: str, after: str) -> None:
+        """Where each new token's text ends inside what is about to be appended (for spans):
+        one short decode per token of the round, skipped where a token ends mid-character."""
+        base, last = len(self.text) - len(before), len(before)
+        for j in range(self.read + 1, len(self.ids)):
+            part = self.tok.decode(self.ids[self.prefix:j])
+            if last < len(part) < len(after) and after.startswith(part) and not part.endswith(REPLACEMENT):
+                self.marks.append((base + len(part), j))
+                last = len(part)
 
     def _hold(self, end: int) -> int:
         """Length of the longest tail of text[:end] that is a proper prefix of a stop string."""
@@ -111,6 +127,7 @@ class TextStream:
         before = self.tok.decode(self.ids[self.prefix:self.read])
         self.text += tail[len(before):]
         self.prefix = self.read = len(self.ids)
+        self.marks.append((len(self.text), len(self.ids)))
         return self._emit(final=True)
 
     def _emit(self, final: bool) -> str:
@@ -129,6 +146,34 @@ class TextStream:
     @property
     def full_text(self) -> str:
         return self.text[: self.sent] if self.stopped else self.text
+
+    def spans(self, start: int, end: int, sources: Sequence) -> tuple:
+        """text[start:end] as (text, source) spans, adjacent ones of one source merged; the text
+        an append brought is credited to the source of its last token (a character split across
+        tokens is shown whole, with the token that completed it)."""
+        out: list = []
+        i = bisect.bisect_right(self.marks, (start, len(self.ids) + 1))
+        while i < len(self.marks) and self.marks[i - 1][0] < end:
+            (c0, _), (c1, t1) = self.marks[i - 1], self.marks[i]
+            piece = self.text[max(c0, start):min(c1, end)]
+            src = sources[t1 - 1] if 0 < t1 <= len(sources) else ""
+            if out and out[-1][1] == src:
+                out[-1] = (out[-1][0] + piece, src)
+            elif piece:
+                out.append((piece, src))
+            i += 1
+        return tuple(out)
+
+
+class Piece(str):
+    """A text piece that also says where its tokens came from: `spans`, (text, source) pairs."""
+
+    spans: tuple = ()
+
+    def __new__(cls, text: str, spans: tuple = ()) -> "Piece":
+        obj = super().__new__(cls, text)
+        obj.spans = spans
+        return obj
 
 
 def build_prompt(tokenizer: Tokenizer, prompt: Optional[str], messages: Optional[list], raw: bool) -> list:

@@ -109,8 +109,8 @@ def test_ngram_and_auto_drafters_are_lossless(fp32_bundle):
     used = set()
     for prompt in PROMPTS + [repetitive]:
         ar, _ = run(target, None, prompt, max_new_tokens=40)
-        for d, k in ((NgramDrafter(), 4), (AutoDrafter(ModelDrafter(draft, 300), NgramDrafter()), None),
-                     (AutoDrafter(None, NgramDrafter()), None)):
+        for d, k in ((NgramDrafter(), 4), (AutoDrafter(ModelDrafter(draft, 300), [NgramDrafter()]), None),
+                     (AutoDrafter(None, [NgramDrafter()]), None)):
             stats = Stats("spec")
             cfg = DecodeConfig(max_new_tokens=40, k=k)
             spec = [t for chunk in decode(target, d, prompt, cfg, stats, costs) for t in chunk]

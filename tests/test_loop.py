@@ -37,9 +37,9 @@ def make_drafter(kind: str, target: FakeLM, agreement: float) -> Drafter:
     if kind == "model":
         return model
     if kind == "ngram":
-        return AutoDrafter(None, NgramDrafter())
+        return AutoDrafter(None, [NgramDrafter()])
     if kind == "auto":
-        return AutoDrafter(model, NgramDrafter())
+        return AutoDrafter(model, [NgramDrafter()])
     fanout = int(kind.split("/")[1])  # "parallel/F"
     return ParallelDrafter(model, POOL, fanout, wait_all=True)
 
@@ -127,11 +127,11 @@ def test_speculation_cache_hit_partial_hit_and_miss(agreement, runner_up, fanout
 
 def test_drafter_hooks_are_declared_on_the_interface():
     """The loop calls every hook unconditionally: each concrete drafter must provide them."""
-    for d in (ModelDrafter(FakeLM(), 64), NgramDrafter(), AutoDrafter(None, NgramDrafter())):
+    for d in (ModelDrafter(FakeLM(), 64), NgramDrafter(), AutoDrafter(None, [NgramDrafter()])):
         assert d.concurrent is False and d.fanout == 0 and d.draft_share == 1.0 and d.parallel_stats() == {}
         d.overlap([1], None, None)
     par = ParallelDrafter(ModelDrafter(FakeLM(), 64), POOL, 3)
-    auto = AutoDrafter(par, NgramDrafter())
+    auto = AutoDrafter(par, [NgramDrafter()])
     assert par.concurrent and auto.concurrent and auto.fanout == par.fanout == 3
 
 
@@ -172,3 +172,67 @@ def test_policy_probes_after_declined_rounds():
     assert pol.model_round_pays()
     pol.note_model_round(ran=True)
     assert not pol.model_round_pays()
+
+
+# -- model-free drafting: predictions and the suffix cache ------------------------------------
+from edge_ssd.lookup import KEY, PredictionDrafter, SuffixCacheDrafter, TokenStore  # noqa: E402
+
+
+@pytest.mark.parametrize("docs,seq,want", [
+    ([[1, 2, 3, 4, 5, 6]], [9, 1, 2, 3], [4, 5, 6]),                   # one match: its continuation
+    ([[1, 2, 3, 4, 5], [1, 2, 3, 4, 7], [1, 2, 3, 4, 5]], [1, 2, 3], [4, 5]),  # majority per position
+    ([[1, 2, 3, 4], [1, 2, 3, 5]], [1, 2, 3], []),                      # a split vote: no proposal
+    ([[8, 1, 2, 3, 4], [9, 1, 2, 3, 5]], [9, 1, 2, 3], [5]),            # the longer suffix decides
+    ([[1, 2, 3]], [1, 2, 3], []),                                        # nothing followed it
+])
+def test_token_store_votes_on_continuations(docs, seq, want):
+    store = TokenStore(capacity=64)
+    for d in docs:
+        store.add(d)
+    assert store.vote(store.matches(seq), 8) == want
+
+
+def test_token_store_stays_within_its_capacity():
+    store = TokenStore(capacity=256)
+    for i in range(100):
+        store.add([1000 + i, 2000 + i, 3000 + i, 4000 + i, 5000 + i])
+    assert store.n <= 256 and sum(len(v) for v in store.index.values()) <= 256
+    assert store.vote(store.matches([1099, 2099, 3099]), 2) == [4099, 5099]   # the newest is kept
+    assert store.vote(store.matches([1000, 2000, 3000]), 2) == []             # the oldest is gone
+
+
+def rnd(k: int = 8) -> DraftRound:
+    return DraftRound(room=k, k_limit=k, sampling=SamplingParams(), rng=np.random.default_rng(0))
+
+
+def test_prediction_starts_at_its_head_and_realigns_after_an_edit():
+    pred = [10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
+    d = PredictionDrafter(pred)
+    d.start([1, 2])
+    assert d.propose([1, 2], rnd(4)).tokens == [10, 11, 12, 13]
+    # the output replaced 13 with 99, then went on as predicted: the drafter finds its place again
+    seq = [1, 2, 10, 11, 12, 99, 14, 15, 16]
+    assert d.propose(seq, rnd(3)).tokens == [17, 18, 19]
+
+
+@pytest.mark.parametrize("edit", [None, 20, 45])
+def test_a_prediction_drafts_the_output_losslessly(edit):
+    want, _ = run(FakeLM(), None, n=80)
+    pred = list(want)
+    if edit is not None:
+        pred[edit] = (pred[edit] + 1) % 64  # the output is not quite what was predicted
+    target = FakeLM()
+    got, stats = run(target, AutoDrafter(None, [PredictionDrafter(pred), NgramDrafter()]), n=80)
+    assert got == want
+    p = stats.sources["prediction"]
+    assert p[2] > 0.8 * 80 - 10, stats.sources   # most tokens came from the prediction
+
+
+def test_the_suffix_cache_drafts_a_repeated_request():
+    store = TokenStore()
+    want, _ = run(FakeLM(), None, n=60)
+    store.add(want)
+    target = FakeLM()
+    got, stats = run(target, AutoDrafter(None, [SuffixCacheDrafter(store)]), n=60)
+    assert got == want and stats.sources["suffix"][2] > 40
+    assert KEY >= 2

@@ -227,3 +227,43 @@ def test_the_draft_comes_back_when_memory_allows(fp32_bundle):
     assert "drop_draft" in r.stats["memory_events"] and e.draft is None
     r = e.generate("def add", raw=True, drafter="model", k=2, max_new_tokens=30)
     assert e.draft is not None and r.stats["drafted"] > 0 and not r.stats["memory_events"]
+
+
+# -- where each token came from ---------------------------------------------------------------
+@pytest.mark.parametrize("mode,drafter", [("ar", "auto"), ("spec", "model"), ("spec", "ngram")])
+def test_pieces_say_where_their_tokens_came_from(engine, mode, drafter):
+    prompt = "def add(a, b):\n    return a + b\n" * 3
+    with engine.stream(prompt, raw=True, max_new_tokens=40, mode=mode, drafter=drafter, show_sources=True) as s:
+        pieces = list(s)
+    spans = [sp for p in pieces for sp in p.spans]
+    assert all("".join(t for t, _ in p.spans) == p for p in pieces)
+    assert "".join(pieces) == s.result.text
+    sources = {src for _, src in spans}
+    stats = s.result.stats
+    if mode == "ar":
+        assert sources == {"target"}
+    else:
+        accepted = {name for name, d in stats["drafters"].items() if d["accepted"]}
+        assert "target" in sources and accepted <= sources <= accepted | {"target"}
+
+
+def test_show_drafts_colours_the_terminal(fp32_bundle):
+    out, err = cli("generate", "--bundle", str(fp32_bundle.path), "--prompt", "def add(a, b):", "--raw",
+                   "--max-new-tokens", "20", "--show-drafts", rc=0)
+    assert "\x1b[0m" in out and "model" in err and "target" in err
+
+
+def test_a_prediction_file_drafts_through_the_cli(fp32_bundle, tmp_path):
+    out, _ = cli("generate", "--bundle", str(fp32_bundle.path), "--prompt", "def add(a, b):", "--raw",
+                 "--max-new-tokens", "30", "--mode", "ar", "--json", rc=0)
+    want = json.loads(out)
+    pred = tmp_path / "pred.txt"
+    pred.write_text(want["text"])
+    out, _ = cli("generate", "--bundle", str(fp32_bundle.path), "--prompt", "def add(a, b):", "--raw",
+                 "--max-new-tokens", "30", "--drafter", "ngram", "--prediction", str(pred), "--json", rc=0)
+    got = json.loads(out)
+    assert got["token_ids"] == want["token_ids"]      # lossless (acceptance: tests/test_loop.py)
+    assert got["stats"]["drafters"]["prediction"]["drafted"] > 0
+    _, err = cli("generate", "--bundle", str(fp32_bundle.path), "--prompt", "x", "--prediction",
+                 str(tmp_path / "none.txt"), rc=1)
+    assert "--prediction" in one_error_line(err)

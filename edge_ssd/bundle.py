@@ -16,7 +16,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Optional
 
 from .errors import BundleError
@@ -152,7 +152,7 @@ def _verify_file(root: Path, entry: dict, verify: str, stamps: dict) -> bool:
 # must be and shows what it is, so a hand-edited or damaged manifest is one readable line.
 
 
-def _is_int(v: object) -> bool:
+def is_int(v: object) -> bool:
     """A JSON integer: bool is an int in Python, and `true` is not a layer count."""
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -251,7 +251,7 @@ def optional(spec: _Spec) -> _Spec:
 
 
 def integer(minimum: int) -> Leaf:
-    return Leaf(f"an integer >= {minimum}", lambda v: _is_int(v) and v >= minimum)
+    return Leaf(f"an integer >= {minimum}", lambda v: is_int(v) and v >= minimum)
 
 
 def one_of(*choices: str) -> Leaf:
@@ -317,7 +317,7 @@ MANIFEST_SPEC = Obj({
 def _read_manifest(mf: Path, manifest: str) -> dict:
     """Parse pair.json as UTF-8 JSON (whatever the locale says)."""
     try:
-        text = mf.read_bytes().decode("utf-8")
+        text = mf.read_bytes().decode("utf-8-sig")  # a byte-order mark from a Windows editor is fine
     except OSError as e:
         raise BundleError(f"{manifest} cannot be read: {e.strerror}") from e
     except UnicodeDecodeError as e:
@@ -337,7 +337,7 @@ def _check_schema_id(data: dict, manifest: str) -> None:
         got = f"schema {_shown(data['schema'])}" if "schema" in data else "no schema field"
         raise BundleError(f"{manifest} is not an edge-ssd pair manifest: it has {got}, expected {json.dumps(SCHEMA)}")
     version = data.get("schema_version")
-    if not _is_int(version):
+    if not is_int(version):
         raise BundleError(f"{manifest}: schema_version must be an integer, got "
                           + (_shown(version) if "schema_version" in data else "nothing (it is missing)"))
     if version != SCHEMA_VERSION:
@@ -437,6 +437,22 @@ class _GraphCheck:
                               "name (the runtime would leave it unbound)")
 
 
+def check_graph_files(role: str, m: dict, graph: GraphInfo, manifest: str) -> None:
+    """The weights a graph loads (external data) must lie in its folder, as onnxruntime also
+    requires, and be files the manifest lists, so that they are checked."""
+    folder = PurePosixPath(m["graph"]).parent
+    listed = {f["path"] for f in m["files"]}
+    for location in sorted(graph.external_files):
+        loc = PurePosixPath(location.replace("\\", "/"))
+        if loc.is_absolute() or ".." in loc.parts:
+            raise BundleError(f"{manifest}: {graph.name} reads external data from {location!r}, which escapes "
+                              f"model directory {folder}/ (onnxruntime refuses it too)")
+        rel = str(folder / loc)
+        if rel not in listed:
+            raise BundleError(f"{manifest}: {graph.name} reads its weights from {rel}, which models.{role}.files "
+                              "does not list, so they would load unchecked")
+
+
 def check_graph(entry: ModelEntry, graph: GraphInfo, manifest: str) -> None:
     """Check the manifest's claims about one model against its graph (see graphinfo.read_graph).
 
@@ -502,5 +518,7 @@ def load_bundle(path: "str | Path", verify: str = "auto") -> Bundle:
     entries = {r: model_entry(root, r, models[r]) for r in roles}
     verify_files(root, [f for r in roles for f in models[r]["files"]] + [tok], verify)
     for r in roles:
-        check_graph(entries[r], _read_model_graph(root, r, models[r], manifest), manifest)
+        graph = _read_model_graph(root, r, models[r], manifest)
+        check_graph_files(r, models[r], graph, manifest)
+        check_graph(entries[r], graph, manifest)
     return Bundle(root, data, entries["target"], entries.get("draft"), _inside(root, tok["path"], "tokenizer.path"))

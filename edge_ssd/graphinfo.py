@@ -1,4 +1,4 @@
-"""What an ONNX graph takes and returns, read from `model.onnx` without the onnx package.
+"""What an ONNX graph takes, returns and reads, from `model.onnx`, without the onnx package.
 
 Load compares the manifest with the graph it describes (io names, KV and logits shapes, how
 many positions the rotary cache covers) so that a mismatch is one clear error naming the field,
@@ -21,7 +21,8 @@ DTYPE_NAMES = {FLOAT: "float32", INT32: "int32", INT64: "int64", FLOAT16: "float
 _MODEL_GRAPH = 7
 _GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_INPUT, _GRAPH_OUTPUT = 1, 5, 11, 12
 _NODE_INPUT, _NODE_OP_TYPE = 1, 4
-_TENSOR_DIMS, _TENSOR_NAME = 1, 8
+_TENSOR_DIMS, _TENSOR_NAME, _TENSOR_EXTERNAL_DATA = 1, 8, 13
+_ENTRY_KEY, _ENTRY_VALUE = 1, 2
 _VALUE_NAME, _VALUE_TYPE = 1, 2
 _TYPE_TENSOR = 1
 _TENSOR_TYPE_ELEM, _TENSOR_TYPE_SHAPE = 1, 2
@@ -57,6 +58,7 @@ class GraphInfo:
     inputs: dict  # name -> Tensor; inputs that an initializer fills are left out
     outputs: dict  # name -> Tensor
     rotary_positions: Optional[int]  # rows of the cos cache attention reads; None when there is none
+    external_files: frozenset  # external-data locations, relative to the graph's folder
 
 
 def _varint(buf: memoryview, pos: int) -> Tuple[int, int]:
@@ -149,14 +151,23 @@ def _tensor(buf: memoryview) -> Tensor:
     return Tensor(name, elem, shape)
 
 
-def _initializer(buf: memoryview) -> Tuple[str, Tuple[int, ...]]:
-    name, dims = "", []
+def _location(buf: memoryview) -> Optional[str]:
+    """The value of an external_data entry whose key is "location"."""
+    entry = {num: _text(value) for num, value in _fields(buf) if num in (_ENTRY_KEY, _ENTRY_VALUE)}
+    return entry.get(_ENTRY_VALUE) if entry.get(_ENTRY_KEY) == "location" else None
+
+
+def _initializer(buf: memoryview) -> Tuple[str, Tuple[int, ...], Optional[str]]:
+    """Name, dims and external-data file of one TensorProto (its data is skipped, not read)."""
+    name, dims, location = "", [], None
     for num, value in _fields(buf):
         if num == _TENSOR_NAME:
             name = _text(value)
         elif num == _TENSOR_DIMS:
             dims.extend(_ints(value))
-    return name, tuple(dims)
+        elif num == _TENSOR_EXTERNAL_DATA:
+            location = _location(_message(value)) or location
+    return name, tuple(dims), location
 
 
 def _rotary_cos(buf: memoryview) -> Optional[str]:
@@ -171,22 +182,23 @@ def _rotary_cos(buf: memoryview) -> Optional[str]:
 
 
 def _graph(buf: memoryview, name: str) -> GraphInfo:
-    inputs, outputs, inits, cos = [], [], {}, None
+    inputs, outputs, inits, cos, external = [], [], {}, None, set()
     for num, value in _fields(buf):
         if num == _GRAPH_INPUT:
             inputs.append(_tensor(_message(value)))
         elif num == _GRAPH_OUTPUT:
             outputs.append(_tensor(_message(value)))
         elif num == _GRAPH_INITIALIZER:
-            init_name, dims = _initializer(_message(value))
+            init_name, dims, location = _initializer(_message(value))
             inits[init_name] = dims
+            external.update([location] if location else [])
         elif num == _GRAPH_NODE and cos is None:
             cos = _rotary_cos(_message(value))
     if not inputs or not outputs:
         raise GraphFormatError("the graph declares no inputs or no outputs")
     cos_dims = inits.get(cos) if cos else None
     return GraphInfo(name, {t.name: t for t in inputs if t.name not in inits}, {t.name: t for t in outputs},
-                     cos_dims[0] if cos_dims else None)
+                     cos_dims[0] if cos_dims else None, frozenset(external))
 
 
 def _model(buf: memoryview, name: str) -> GraphInfo:
@@ -197,7 +209,7 @@ def _model(buf: memoryview, name: str) -> GraphInfo:
 
 
 def read_graph(path: Path, name: str) -> GraphInfo:
-    """Inputs, outputs and rotary length of the ONNX model at `path`.
+    """Inputs, outputs, rotary length and external-data files of the ONNX model at `path`.
 
     The whole file is read: a bundle's model.onnx holds the graph and only tensors under 1 KiB
     (the weights are external data), so it is small. Raises GraphFormatError when the file is

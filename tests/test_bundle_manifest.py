@@ -85,6 +85,8 @@ CORRUPTIONS = [
     ("path-absolute", set_(f"{T}.files.0.path", "/etc/passwd"), "models.target.files[0].path must be a relative"),
     ("path-escapes", set_(f"{T}.files.1.path", "../../x"),
      "models.target.files[1].path '../../x' points outside"),
+    ("data-unlisted", drop(f"{T}.files.1"),
+     "target/model.onnx reads its weights from target/model.onnx.data, which models.target.files does not list"),
     ("graph-unlisted", set_(f"{T}.graph", "tokenizer.json"), "models.target.graph \"tokenizer.json\" is not one of"),
     ("eos-not-list", set_("tokenizer.eos_ids", 2), "tokenizer.eos_ids must be a list, got 2"),
     ("eos-string", set_("tokenizer.eos_ids", [2, "3"]), 'tokenizer.eos_ids[1] must be an integer >= 0, got "3"'),
@@ -248,3 +250,33 @@ def test_full_verification_keeps_other_bundles_stamps(bundle_copy, tmp_path, mon
     monkeypatch.setattr(bundle_module, "STAMP_CACHE", stamps)
     load_bundle(bundle_copy, verify="full")
     assert "/elsewhere/model.onnx" in json.loads(stamps.read_text())
+
+
+def test_a_byte_order_mark_is_accepted(bundle_copy):
+    mf = bundle_copy / "pair.json"
+    mf.write_bytes(b"\xef\xbb\xbf" + mf.read_bytes())
+    assert load_bundle(bundle_copy).draft is not None
+
+
+@pytest.mark.parametrize("location,expected", [
+    ("../target/model.onnx.data", "draft/model.onnx reads external data from '../target/model.onnx.data', which "
+                                  "escapes model directory draft/"),
+    ("weights.bin", "draft/model.onnx reads its weights from draft/weights.bin, which models.draft.files does not "
+                    "list"),
+])
+def test_graph_weights_outside_the_checked_files_are_refused(bundle_copy, capsys, location, expected):
+    """The graph itself (rewritten, with its checksum updated) names where its weights are."""
+    onnx = pytest.importorskip("onnx")
+    from edge_ssd.bundle import sha256_of
+
+    graph = bundle_copy / "draft" / "model.onnx"
+    model = onnx.load(str(graph), load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    onnx.save(model, str(graph))
+    shutil.copy(bundle_copy / "draft" / "model.onnx.data", bundle_copy / "draft" / "weights.bin")
+    corrupt_manifest(bundle_copy, set_("models.draft.files.0", {
+        "path": "draft/model.onnx", "size": graph.stat().st_size, "sha256": sha256_of(graph)}))
+    assert expected in one_error_line(capsys, generate(bundle_copy))

@@ -193,6 +193,10 @@ def _damage(kind: str, source: Path, tmp_path: Path) -> Path:
         cfg = json.loads((source / "config.json").read_text())
         del cfg["hidden_size"]
         (source / "config.json").write_text(json.dumps(cfg))
+    elif kind == "config-mistyped":
+        cfg = json.loads((source / "config.json").read_text())
+        cfg["num_hidden_layers"] = "2"
+        (source / "config.json").write_text(json.dumps(cfg))
     elif kind == "tokenizer-garbage":
         (source / "tokenizer.json").write_text('{"model": 1}')
     elif kind == "not-a-gguf":
@@ -217,6 +221,8 @@ BAD_SOURCES = [
     ("no-config", "folder has no config.json"),
     ("config-not-json", "config.json: not a readable JSON file"),
     ("config-lacks-field", "config.json: has no 'hidden_size', which the graph needs"),
+    ("config-mistyped", "config.json: a field the graph needs is mistyped (num_hidden_layers must be an integer >= 1, "
+                        "got '2')"),
     ("tokenizer-garbage", "tokenizer.json: not a usable tokenizer file"),
     ("not-a-gguf", "model.gguf: not a GGUF file"),
     ("gguf-magic-only", "model.gguf: transformers could not read this GGUF file"),

@@ -16,6 +16,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
+
 import psutil
 
 from edge_ssd.bundle import MANIFEST

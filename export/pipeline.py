@@ -2,8 +2,9 @@
 
 The bundle is built in a hidden partial folder next to its destination and swapped into place
 only after `pair.json` (written last) is complete, so a crash or Ctrl-C never leaves a folder
-the runtime would load, and never removes the bundle that was there (output.py). Converted sources (GGUF -> fp32 safetensors) and built graphs
-are cached under `.cache/`, keyed by source and settings, and hard-linked into the bundle.
+the runtime would load, and never removes the bundle that was there (output.py). Converted
+sources (GGUF -> fp32 safetensors) and built graphs are cached under `.cache/`, keyed by source
+and settings, and hard-linked into the bundle.
 """
 from __future__ import annotations
 

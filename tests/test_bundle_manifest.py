@@ -6,7 +6,6 @@ Each case corrupts a copy of a real exported bundle (its pair.json, or a file's 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -193,7 +192,7 @@ def test_real_entry_point_prints_one_line(bundle_copy):
     """The installed command's path: `python -m edge_ssd.cli`, in a fresh process."""
     corrupt_manifest(bundle_copy, set_("models.target.num_layers", "2"))
     proc = subprocess.run([sys.executable, "-m", "edge_ssd.cli", *generate(bundle_copy)],
-                          capture_output=True, text=True, env={**os.environ})
+                          capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         f'error: {bundle_copy}/pair.json: models.target.num_layers must be an integer >= 1, got "2"']

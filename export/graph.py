@@ -28,14 +28,30 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from edge_ssd.bundle import WEIGHT_QUANTS, is_int
+
+from .errors import ExportError
+
 BUILDER_VERSION = 3  # bump when the emitted graph changes: invalidates cached graphs
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
-WEIGHT_QUANTS = ("fp32", "fp16", "int8", "int4")
 ORT_DOMAIN = "com.microsoft"
 
 
-class UnsupportedModelError(ValueError):
-    pass
+class UnsupportedModelError(ExportError, ValueError):
+    """The model, or a setting asked for, is one this builder does not handle."""
+
+
+def _size(cfg: dict, key: str, default: Optional[int] = None) -> int:
+    """A config.json size: a positive integer (a string or a bool would fail deep in the build).
+    Missing (or null) means `default`; with no default, a KeyError naming the key."""
+    value = cfg.get(key)
+    if value is None:
+        if default is None:
+            raise KeyError(key)
+        return default
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -67,20 +83,20 @@ class Arch:
             )
         if cfg.get("use_sliding_window") or (arch == "MistralForCausalLM" and cfg.get("sliding_window")):
             raise UnsupportedModelError(f"{arch} with sliding-window attention is not supported")
-        heads = cfg["num_attention_heads"]
+        heads = _size(cfg, "num_attention_heads")
         return cls(
             architecture=arch,
-            hidden_size=cfg["hidden_size"],
-            num_layers=cfg["num_hidden_layers"],
+            hidden_size=_size(cfg, "hidden_size"),
+            num_layers=_size(cfg, "num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            intermediate_size=cfg["intermediate_size"],
-            vocab_size=cfg["vocab_size"],
+            num_kv_heads=_size(cfg, "num_key_value_heads", heads),
+            head_dim=_size(cfg, "head_dim", _size(cfg, "hidden_size") // heads),
+            intermediate_size=_size(cfg, "intermediate_size"),
+            vocab_size=_size(cfg, "vocab_size"),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=float(cfg.get("rope_theta", 10000.0)),
             rope_scaling=cfg.get("rope_scaling"),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            max_position_embeddings=_size(cfg, "max_position_embeddings", 4096),
             attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         )
@@ -102,13 +118,13 @@ class QuantConfig:
     def __post_init__(self) -> None:
         for q in (self.weights, self.lm_head or self.weights):
             if q not in WEIGHT_QUANTS:
-                raise ValueError(f"unknown quantization {q!r} (choose from {', '.join(WEIGHT_QUANTS)})")
+                raise UnsupportedModelError(f"unknown quantization {q!r} (choose from {', '.join(WEIGHT_QUANTS)})")
         if self.block_size not in (16, 32, 64, 128, 256):
-            raise ValueError(f"block size must be 16, 32, 64, 128 or 256, not {self.block_size}")
+            raise UnsupportedModelError(f"block size must be 16, 32, 64, 128 or 256, not {self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise ValueError(f"accuracy level must be 0..4, not {self.accuracy_level}")
+            raise UnsupportedModelError(f"accuracy level must be 0..4, not {self.accuracy_level}")
         if self.vocab_limit is not None and self.vocab_limit < 256:
-            raise ValueError(f"vocabulary limit must be at least 256, not {self.vocab_limit}")
+            raise UnsupportedModelError(f"vocabulary limit must be at least 256, not {self.vocab_limit}")
 
     @property
     def act_dtype(self) -> str:

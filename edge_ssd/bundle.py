@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Optional
 
+from .checks import is_int
 from .errors import BundleError
 from .graphinfo import DTYPE_NAMES, FLOAT, FLOAT16, INT32, INT64, GraphFormatError, GraphInfo, Tensor, read_graph
 
@@ -150,11 +151,6 @@ def _verify_file(root: Path, entry: dict, verify: str, stamps: dict) -> bool:
 # The manifest schema. A spec checks one value and, on failure, raises a BundleError that names
 # the manifest file and the field's path (models.target.files[0].sha256), says what the value
 # must be and shows what it is, so a hand-edited or damaged manifest is one readable line.
-
-
-def is_int(v: object) -> bool:
-    """A JSON integer: bool is an int in Python, and `true` is not a layer count."""
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _shown(v: object) -> str:

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import IO, Optional
 
-from .cli_args import PROVIDER_CHOICES, add_engine_args, add_request_args, engine_from_args, request_from_args
+from .cli_args import (PROVIDER_CHOICES, OneLineParser, add_engine_args, add_request_args, engine_from_args,
+                       positive_int, request_from_args)
 from .enums import DraftSource
 from .errors import EdgeSSDError, RequestError
 from .outputs import check_output, replace_when_done
@@ -19,7 +20,7 @@ log = logging.getLogger("edge_ssd")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="edge-ssd", description="Lossless speculative decoding on ONNX Runtime.")
+    ap = OneLineParser(prog="edge-ssd", description="Lossless speculative decoding on ONNX Runtime.")
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("export", help="workstation: export a draft/target pair to a bundle (edge-ssd export -h)",
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--bundle", default=None)
     i.add_argument("--provider", default="auto", choices=PROVIDER_CHOICES)
     i.add_argument("--memory-budget", default=None)
-    i.add_argument("--max-context", type=int, default=None)
+    i.add_argument("--max-context", type=positive_int, default=None)
     b = sub.add_parser("bench", help="side-by-side benchmark of decoding modes")
     add_engine_args(b)
     b.add_argument("--prompts", type=Path, required=True, help="JSONL with `prompt`, or Spec-Bench `turns`")

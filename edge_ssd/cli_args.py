@@ -8,22 +8,38 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .errors import RequestError
 from .providers import PROVIDERS
 from .request import DEFAULTS, DRAFTERS, MODES, Request
 
 PROVIDER_CHOICES = (*PROVIDERS, "auto")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes are one `error:` line and exit status 1, like every other user error."""
+
+    def error(self, message: str):
+        self.exit(1, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an integer >= 1 is needed, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"an integer >= 1 is needed, not {value}")
+    return value
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="pair bundle folder (see `edge-ssd export`)")
     p.add_argument("--provider", default="auto", choices=PROVIDER_CHOICES)
     p.add_argument("--strict-provider", action="store_true", help="fail instead of falling back to cpu")
-    p.add_argument("--threads", type=int, default=None, help="target threads (default: all cores)")
-    p.add_argument("--draft-threads", type=int, default=None, help="draft threads (default: as target)")
+    p.add_argument("--threads", type=positive_int, default=None, help="target threads (default: all cores)")
+    p.add_argument("--draft-threads", type=positive_int, default=None, help="draft threads (default: as target)")
     p.add_argument("--draft-provider", default=None, choices=PROVIDER_CHOICES,
                    help="run the draft elsewhere, e.g. cpu while the target runs on cuda (default: as target)")
-    p.add_argument("--max-context", type=int, default=None, help="KV cache length (default: the bundle's)")
+    p.add_argument("--max-context", type=positive_int, default=None, help="KV cache length (default: the bundle's)")
     p.add_argument("--exact", action="store_true",
                    help="plain steps compute like verification, so greedy spec == ar token for token")
     p.add_argument("--verify", default="auto", choices=["auto", "full", "size"],
@@ -73,8 +89,6 @@ def engine_from_args(args: argparse.Namespace):
     """Load the bundle the engine flags name."""
     from .api import Engine
 
-    if args.max_context is not None and args.max_context < 1:
-        raise RequestError(f"--max-context must be >= 1, got {args.max_context}", param="max_context")
     return Engine.load(Path(args.bundle), provider=args.provider, strict_provider=args.strict_provider,
                        threads=args.threads, draft_threads=args.draft_threads, max_context=args.max_context,
                        draft_provider=args.draft_provider,

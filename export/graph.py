@@ -28,7 +28,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from edge_ssd.bundle import WEIGHT_QUANTS, is_int
+from edge_ssd.bundle import WEIGHT_QUANTS
+from edge_ssd.checks import is_int
 
 from .errors import ExportError
 

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from .costs import StepCosts
-from .drafters import Drafter, DraftRound
+from .drafters import Drafter, DraftRound, Proposal
 from .enums import DraftSource, FinishReason, GovernorAction
 from .errors import MemoryBudgetError, RequestError
 from .governor import Governor, prefill_bytes_per_token
@@ -62,6 +62,26 @@ def _draft_round(policy: SpecPolicy, drafter: Drafter, room: int, governor: Opti
                       fanout_cap=governor.fanout_cap if governor is not None else None)
 
 
+def _prefill(target: OnnxLM, drafter: Optional[Drafter], prompt: list, governor: Optional[Governor]):
+    """Feed the prompt to both models in chunks the memory budget allows; between chunks check
+    memory and yield [] (the consumer may stop a long prompt there). Returns the last logits."""
+    chunk = len(prompt)
+    if governor is not None:
+        e = target.entry
+        chunk = governor.prefill_chunk(prefill_bytes_per_token(e.hidden_size, e.num_heads, len(prompt)))
+    if drafter is not None:
+        drafter.start(prompt, chunk)
+    for i, logits in enumerate(prefill(target, prompt, chunk)):
+        if (i + 1) * chunk < len(prompt):
+            if governor is not None and governor.check(0, False) == GovernorAction.ABORT:
+                raise MemoryBudgetError(governor.abort_message())
+            yield []
+    return logits
+
+
+NO_PROPOSAL = Proposal([], source=DraftSource.TARGET)
+
+
 def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: DecodeConfig,
            stats: Stats, costs: Optional[StepCosts] = None, governor: Optional[Governor] = None,
            on_drop_draft: Callable[[], None] = lambda: None, learned: Optional[dict] = None) -> Iterator[list]:
@@ -72,6 +92,7 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
     are needed for auto K and are kept current with the steps this request runs. The governor,
     asked between rounds, can cap K, drop the draft (on_drop_draft frees it) or end the request.
     `learned` carries acceptance estimates from one request to the next (read, then updated).
+    A round with no proposal is a plain step: the same verification with one row.
     """
     if not prompt:
         raise RequestError("the prompt is empty", param="prompt")
@@ -88,17 +109,7 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
     t_start = time.perf_counter()
     stats.prompt_tokens = len(prompt)
     target.reset()
-    chunk = len(prompt)
-    if governor is not None:
-        e = target.entry
-        chunk = governor.prefill_chunk(prefill_bytes_per_token(e.hidden_size, e.num_heads, len(prompt)))
-    if drafter is not None:
-        drafter.start(prompt, chunk)
-    for i, logits in enumerate(prefill(target, prompt, chunk)):
-        if (i + 1) * chunk < len(prompt):  # between chunks: check memory; the consumer may stop here
-            if governor is not None and governor.check(0, False) == GovernorAction.ABORT:
-                raise MemoryBudgetError(governor.abort_message())
-            yield []
+    logits = yield from _prefill(target, drafter, prompt, governor)
     new, src = [pick(logits[0], sp, rng)], [DraftSource.TARGET]
     t_first = time.perf_counter()
     stats.prefill_s = t_first - t_start
@@ -121,38 +132,21 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
                 stats.finish_reason = FinishReason.CONTEXT
                 return
             room = min(room, cfg.max_new_tokens - produced - 1)  # tokens this round may draft
-            if governor is not None:
-                act = governor.check(policy.budget(room) if policy else 0, drafter is not None,
-                                     drafter.fanout if drafter is not None else 0)
-                if act != GovernorAction.OK:
-                    stats.memory_events.append(act)
-                if act == GovernorAction.ABORT:
-                    stats.finish_reason, stats.error = FinishReason.MEMORY, governor.abort_message()
-                    return
-                if act == GovernorAction.DROP_DRAFT:
-                    drafter.release()
-                    drafter = policy = None
-                    on_drop_draft()
+            act = _govern(governor, policy, drafter, room, stats)
+            if act == GovernorAction.ABORT:
+                return
+            if act == GovernorAction.DROP_DRAFT:
+                drafter = policy = None
+                on_drop_draft()
             rnd = _draft_round(policy, drafter, room, governor, sp, rng) if policy is not None else None
             t0 = time.perf_counter()
-            prop = drafter.propose(seq, rnd) if rnd is not None and rnd.k > 0 else None
+            prop = drafter.propose(seq, rnd) if rnd is not None and rnd.k > 0 else NO_PROPOSAL
             t1 = time.perf_counter()
             stats.draft_s += t1 - t0
-            if prop is not None and prop.source == DraftSource.MODEL:
-                policy.note_model_round(ran=bool(prop.tokens))
-            if costs_seen is not None and prop is not None:
-                for s in prop.step_s:
-                    costs_seen.observe_draft(s)
-            if prop is None or not prop.tokens:
-                new, src = [pick(target.forward([seq[-1]])[0], sp, rng)], [DraftSource.TARGET]
-                dt = time.perf_counter() - t1
-                stats.verify_s += dt
-                if costs_seen is not None:
-                    costs_seen.observe_verify(1, dt)
-                stats.record_round(0, 0)
-                continue
+            _learn_from_drafting(prop, policy, costs_seen)
             k = len(prop.tokens)
-            drafter.overlap(seq, prop, rnd)  # parallel mode: pre-draft the next round meanwhile
+            if k:
+                drafter.overlap(seq, prop, rnd)  # parallel mode: pre-draft the next round meanwhile
             logits = target.forward([seq[-1]] + prop.tokens, keep=k + 1)
             if sp.greedy:
                 n, bonus = accept_greedy(logits, prop.tokens)
@@ -162,9 +156,10 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
             stats.verify_s += dt
             if costs_seen is not None:
                 costs_seen.observe_verify(k + 1, dt)
-            target.truncate(len(seq) + n)
-            drafter.commit(len(seq) + n)
-            policy.observe(prop.conf, n)
+            if k:
+                target.truncate(len(seq) + n)
+                drafter.commit(len(seq) + n)
+                policy.observe(prop.conf, n)
             stats.record_round(k, n, prop.source)
             new, src = prop.tokens[:n] + [bonus], [prop.source] * n + [DraftSource.TARGET]
     finally:
@@ -176,3 +171,28 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
         t_end = time.perf_counter()
         stats.decode_s = t_end - t_first
         stats.total_s = t_end - t_start
+
+
+def _govern(governor: Optional[Governor], policy: Optional[SpecPolicy], drafter: Optional[Drafter],
+            room: int, stats: Stats) -> GovernorAction:
+    """Ask the governor what to give up this round; record it; free the draft if it must go."""
+    if governor is None:
+        return GovernorAction.OK
+    act = governor.check(policy.budget(room) if policy else 0, drafter is not None,
+                         drafter.fanout if drafter is not None else 0)
+    if act != GovernorAction.OK:
+        stats.memory_events.append(act)
+    if act == GovernorAction.ABORT:
+        stats.finish_reason, stats.error = FinishReason.MEMORY, governor.abort_message()
+    if act == GovernorAction.DROP_DRAFT:
+        drafter.release()
+    return act
+
+
+def _learn_from_drafting(prop: Proposal, policy: Optional[SpecPolicy], costs: Optional[StepCosts]) -> None:
+    """What a proposal tells the estimates: whether the draft model ran, and its step times."""
+    if prop.source == DraftSource.MODEL:
+        policy.note_model_round(ran=bool(prop.tokens))
+    if costs is not None:
+        for s in prop.step_s:
+            costs.observe_draft(s)

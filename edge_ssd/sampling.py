@@ -113,7 +113,7 @@ def accept_sampled(target_logits: np.ndarray, draft: list, q: Optional[np.ndarra
     """
     k = len(draft)
     p = probs(target_logits, sp)
-    d = np.asarray(draft)
+    d = np.asarray(draft, dtype=np.int64)
     rows = np.arange(k)
     pd = p[rows, d]
     qd = q[rows, d] if q is not None else np.ones(k, np.float32)

@@ -34,8 +34,9 @@ def chart_paths(out: Path) -> tuple:
     return out, out.with_name(f"{out.stem}-drafts{out.suffix or '.png'}")
 
 
-def _matplotlib():
-    """The Figure class and the Agg canvas: no pyplot, so no global state and no display needed."""
+def require_matplotlib():
+    """The Figure class and the Agg canvas (no pyplot: no global state, no display needed), or a
+    one-line EdgeSSDError naming the extra. Call it before a long benchmark, not after."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -195,7 +196,7 @@ def render(bench: dict, out: Path, baseline: Optional[str] = None) -> list:
 
     Returns the paths written. Raises EdgeSSDError when matplotlib is missing or the data is
     not a bench result, before anything is written."""
-    Figure, Canvas = _matplotlib()
+    Figure, Canvas = require_matplotlib()
     modes, _ = _check(bench)
     base = baseline or modes[0]
     if base not in modes:

@@ -25,6 +25,7 @@ import chat_screenshot as page  # noqa: E402
 
 KEY = "s3cret-key"
 MESSAGE = "Write a function that adds two numbers."
+FOLLOW_UP = "And one that multiplies them."
 MAX_TOKENS = 24
 
 
@@ -78,23 +79,32 @@ def png_size(data: bytes) -> tuple:
 
 @needs_browser
 def test_chat_in_the_browser(fp32_bundle, browser, tmp_path):
-    """Key prompt, settings, a streamed reply equal to the engine's own output, its stats; a screenshot."""
+    """Key prompt, settings, two streamed replies equal to the engine's own output for the
+    conversation so far, their stats; a screenshot."""
     from edge_ssd.api import Engine
 
     engine = Engine.load(fp32_bundle.path, provider="cpu", threads=1)
-    expected = engine.generate(messages=[{"role": "user", "content": MESSAGE}], max_new_tokens=MAX_TOKENS,
-                               temperature=0.0, mode="spec", drafter="model")
+
+    def engine_reply(messages: list):
+        return engine.generate(messages=messages, max_new_tokens=MAX_TOKENS, temperature=0.0, mode="spec",
+                               drafter="model")
+
+    turn1 = [{"role": "user", "content": MESSAGE}]
+    expected = engine_reply(turn1)
     assert expected.text.strip(), "the tiny pair produced no text to look for"
+    expected2 = engine_reply(turn1 + [{"role": "assistant", "content": expected.text},
+                                      {"role": "user", "content": FOLLOW_UP}])
     with Live(build_app(engine, ServeOptions(api_key=KEY))) as live:
         features = httpx.get(live.url + "/health", timeout=10).json().get("features", [])
         page.open_page(browser, live.url, key=KEY)
         page.apply_settings(browser, {"temperature": 0, "max_tokens": MAX_TOKENS, "mode": "spec",
                                       "drafter": "model", "show_sources": True})
         reply = page.send_message(browser, MESSAGE, timeout=120)
+        reply2 = page.send_message(browser, FOLLOW_UP, timeout=120)   # the page keeps the conversation
         shot = browser.get_screenshot_as_png()
         (tmp_path / "chat.png").write_bytes(shot)
-    assert reply["error"] is None
-    assert reply["text"] == expected.text
+    assert reply["error"] is None and reply2["error"] is None
+    assert reply["text"] == expected.text and reply2["text"] == expected2.text
     stats = reply["stats"]
     assert float(stats["tokens_per_s"].split()[0]) > 0, stats
     assert stats["new_tokens"] == f"{expected.stats['new_tokens']} tokens", stats

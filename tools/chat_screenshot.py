@@ -6,7 +6,7 @@ reply and its statistics, take a screenshot.
     edge-ssd serve --bundle models/qwen2.5-coder-0.5b-1.5b --port 8080 &
     python tools/chat_screenshot.py --url http://127.0.0.1:8080 --out docs/img/chat.png \\
         --message "Write a Python function that checks whether a number is prime." \\
-        --set temperature=0 --set max_tokens=96 --set show_sources=true
+        --set temperature=0 --set max_tokens=80 --set show_sources=true
 
 Needs Debian's `chromium` and `chromium-driver` (apt-get install chromium chromium-driver) and
 selenium (the test extra). tests/test_web.py uses the same functions.
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-WINDOW = (1200, 760)
+WINDOW = (1100, 860)
 
 
 class PageError(RuntimeError):
@@ -135,6 +135,7 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--set", dest="settings", action="append", type=parse_setting, default=[],
                     help="a settings field by id: temperature, max_tokens, mode, drafter, show_sources")
     ap.add_argument("--timeout", type=float, default=300, help="seconds to wait for each reply")
+    ap.add_argument("--window", default=f"{WINDOW[0]}x{WINDOW[1]}", help="browser window, WIDTHxHEIGHT")
     args = ap.parse_args(argv)
     try:
         return screenshot(args)
@@ -144,7 +145,11 @@ def main(argv: Optional[list] = None) -> int:
 
 
 def screenshot(args) -> int:
-    driver = start_browser()
+    try:
+        window = tuple(int(x) for x in args.window.lower().split("x"))
+    except ValueError:
+        raise PageError(f"--window takes WIDTHxHEIGHT, got {args.window!r}") from None
+    driver = start_browser(window)
     try:
         open_page(driver, args.url, args.key)
         apply_settings(driver, dict(args.settings))

@@ -6,6 +6,7 @@ page's routes are checked over plain HTTP everywhere the serve extra is installe
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import struct
 import sys
@@ -35,9 +36,7 @@ class NoEngine:
 
 
 def browser_missing() -> str:
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("selenium") is None:
         return "selenium is not installed (pip install 'edge-ssd[test]')"
     chromium, driver = page.browser_paths()
     if not chromium or not driver:
@@ -45,7 +44,8 @@ def browser_missing() -> str:
     return ""
 
 
-needs_browser = pytest.mark.skipif(bool(browser_missing()), reason=browser_missing() or "ok")
+MISSING = browser_missing()
+needs_browser = pytest.mark.skipif(bool(MISSING), reason=MISSING or "the browser is there")
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,8 @@ def test_chat_in_the_browser(fp32_bundle, browser, tmp_path):
     assert float(stats["tokens_per_s"].split()[0]) > 0, stats
     assert stats["new_tokens"] == f"{expected.stats['new_tokens']} tokens", stats
     assert stats["mode"].startswith("spec"), stats
-    assert stats["acceptance_rate"].startswith("acceptance ") and stats["mean_accepted_len"].startswith("mean accepted ")
+    assert stats["acceptance_rate"].startswith("acceptance ")
+    assert stats["mean_accepted_len"].startswith("mean accepted ")
     if "spans" in features:   # the server reports sources: the reply is made of coloured spans
         assert "".join(t for _, t in reply["spans"]) == expected.text
         assert {c for c, _ in reply["spans"]} <= {"src-model", "src-ngram", "src-target"}
@@ -176,3 +177,27 @@ def test_sources_coloured_only_when_advertised(browser, features):
         assert "show_sources" not in received[0] and not legend_shown
         assert reply["spans"] == []
     assert received[0]["messages"] == [{"role": "user", "content": "hi"}] and received[0]["stream"] is True
+
+
+@needs_browser
+def test_wrong_key_asked_again(browser):
+    """A refused key brings the dialog back, saying so; the right one makes the page ready."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def dialog_says(text: str):
+        def check(d):
+            return d.find_elements("css selector", "#key-dialog[open]") and text in d.find_element(
+                "id", "key-reason").text
+        return check
+
+    with Live(build_app(NoEngine(), ServeOptions(api_key=KEY))) as live:
+        browser.get(live.url + "/")
+        wait = WebDriverWait(browser, 20)
+        wait.until(dialog_says("needs an API key"))
+        browser.find_element("id", "key-input").send_keys("wrong")
+        browser.find_element("id", "key-ok").click()
+        wait.until(dialog_says("not accepted"))
+        browser.find_element("id", "key-input").send_keys(KEY)
+        browser.find_element("id", "key-ok").click()
+        wait.until(lambda d: d.find_element("id", "server-status").text == "ready")
+        assert browser.execute_script("return sessionStorage.getItem('edge-ssd-api-key')") == KEY

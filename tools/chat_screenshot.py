@@ -110,12 +110,13 @@ def send_message(driver, message: str, timeout: float = 60) -> dict:
 
     reply = WebDriverWait(driver, timeout).until(finished, message="the reply never finished rendering")
     text = reply.find_element(By.CSS_SELECTOR, ".text")
+    failed = "error" in reply.get_attribute("class")
     return {
         "text": text.get_attribute("textContent"),
         "stats": {s.get_attribute("data-stat"): s.text for s in reply.find_elements(By.CSS_SELECTOR, ".stat")},
         "spans": [(s.get_attribute("class"), s.get_attribute("textContent"))
                   for s in text.find_elements(By.CSS_SELECTOR, "span")],
-        "error": reply.find_element(By.CSS_SELECTOR, ".stats").text if "error" in reply.get_attribute("class") else None,
+        "error": reply.find_element(By.CSS_SELECTOR, ".stats").text if failed else None,
     }
 
 

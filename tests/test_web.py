@@ -19,7 +19,7 @@ httpx = pytest.importorskip("httpx")
 
 from edge_ssd.server import ServeOptions, build_app  # noqa: E402
 from edge_ssd.server.web import STATIC, asset  # noqa: E402
-from test_server import Live  # noqa: E402
+from test_server import Live, SlowEngine, wait_for  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import chat_screenshot as page  # noqa: E402
@@ -77,14 +77,17 @@ def png_size(data: bytes) -> tuple:
     return struct.unpack(">II", data[16:24])
 
 
-@needs_browser
-def test_chat_in_the_browser(fp32_bundle, browser, tmp_path):
-    """Key prompt, settings, two streamed replies equal to the engine's own output for the
-    conversation so far, their stats; a screenshot."""
+@pytest.fixture(scope="module")
+def engine(fp32_bundle):
     from edge_ssd.api import Engine
 
-    engine = Engine.load(fp32_bundle.path, provider="cpu", threads=1)
+    return Engine.load(fp32_bundle.path, provider="cpu", threads=1)
 
+
+@needs_browser
+def test_chat_in_the_browser(engine, browser, tmp_path):
+    """Key prompt, settings, two streamed replies equal to the engine's own output for the
+    conversation so far, their stats; a screenshot."""
     def engine_reply(messages: list):
         return engine.generate(messages=messages, max_new_tokens=MAX_TOKENS, temperature=0.0, mode="spec",
                                drafter="model")
@@ -201,3 +204,25 @@ def test_wrong_key_asked_again(browser):
         browser.find_element("id", "key-ok").click()
         wait.until(lambda d: d.find_element("id", "server-status").text == "ready")
         assert browser.execute_script("return sessionStorage.getItem('edge-ssd-api-key')") == KEY
+
+
+@needs_browser
+def test_stop_ends_the_generation(engine, browser):
+    """Stop (the send button while a reply streams) closes the stream; the server stops generating."""
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    slow = SlowEngine(engine, delay=0.25)   # 60 pieces: 15 s unless stopped
+    with Live(build_app(slow, ServeOptions())) as live:
+        page.open_page(browser, live.url)
+        page.apply_settings(browser, {"temperature": 0, "max_tokens": 60})
+        browser.find_element("id", "message").send_keys("def add", Keys.ENTER)
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda d: d.find_element("css selector", ".msg.assistant .text").get_attribute("textContent"))
+        send = browser.find_element("id", "send")
+        assert send.text == "Stop"
+        send.click()
+        wait.until(lambda d: d.find_element("css selector", ".msg.assistant.error .stats").text == "stopped")
+        assert send.text == "Send"
+        assert wait_for(lambda: slow.closed_early, timeout=10), "the generation went on after Stop"
+        assert slow.completed == 0 and slow.closed_early[0] < 60

@@ -23,8 +23,8 @@ SPEED_SIZE_IN = (12.0, 10.0)   # inches; at DPI, the PNG's size in pixels is fix
 DRAFTS_SIZE_IN = (12.0, 4.5)
 DPI = 100
 SIZE_PX = tuple((round(w * DPI), round(h * DPI)) for w, h in (SPEED_SIZE_IN, DRAFTS_SIZE_IN))  # chart_paths' order
-OWN_COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
 MIN_PROPOSED = 20             # fewer proposals at a draft position: not drawn
+OWN_COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
 PEER_COLOURS = ("#a6a6a6", "#6e6e6e", "#cfcfcf", "#4d4d4d")
 
 
@@ -50,8 +50,8 @@ def _check(bench: dict) -> tuple:
     modes, summary = bench.get("modes"), bench.get("summary")
     if not isinstance(modes, list) or not modes or not isinstance(summary, dict) or not summary:
         raise EdgeSSDError("not an `edge-ssd bench --json` result: it needs `modes` and `summary`")
-    missing = [m for m in modes if any(m not in row for row in summary.values())]
-    if missing:
+    missing = [m for m in modes if not any(m in row for row in summary.values())]
+    if missing:   # a category without a mode (a peer that skipped it) is only a missing bar
         raise EdgeSSDError(f"the summary has no figures for mode(s) {', '.join(missing)}")
     return modes, summary
 
@@ -97,11 +97,11 @@ def _speed_figure(Figure, bench: dict, base: str):
     colours = _colours(modes, peers)
 
     def column(mode: str, key: str) -> list:
-        return [summary[c][mode].get(key) for c in cats]
+        return [summary[c].get(mode, {}).get(key) for c in cats]
 
     def speedup(mode: str) -> list:
         rates = zip(column(mode, "tokens_per_s"), column(base, "tokens_per_s"))
-        return [r / b if b else None for r, b in rates]
+        return [r / b if r is not None and b else None for r, b in rates]
 
     fig = Figure(figsize=SPEED_SIZE_IN, dpi=DPI, layout="constrained")
     top, mid, low = fig.subplots(3, 1, sharex=True, height_ratios=(3, 2, 2))

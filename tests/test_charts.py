@@ -56,10 +56,10 @@ def test_peer_modes_drawn(main4, tmp_path):
             row[peer] = {"tokens_per_s": 10.6}
     for r in bench["results"]:
         r["modes"][peer] = {"decode_s": 1.0, "decode_tokens": 10}
-    with pytest.raises(EdgeSSDError, match="no figures for mode"):
-        charts.render(bench, tmp_path / "c.png")
-    bench["summary"]["qa"][peer] = {"tokens_per_s": 9.0}
     assert_charts(charts.render(bench, tmp_path / "c.png", baseline="ar"))
+    bench["modes"].append("llama.cpp/never-ran")
+    with pytest.raises(EdgeSSDError, match="no figures for mode"):
+        charts.render(bench, tmp_path / "d.png")
 
 
 def test_position_acceptance_weights_by_rounds():

@@ -333,6 +333,8 @@ def build_app(engine, options: Optional[ServeOptions] = None):
     from starlette.responses import JSONResponse, PlainTextResponse
     from starlette.routing import Route
 
+    from .web import routes as page_routes
+
     srv = EdgeServer(engine, options or ServeOptions())
 
     def api_error(e: APIError) -> JSONResponse:
@@ -403,6 +405,7 @@ def build_app(engine, options: Optional[ServeOptions] = None):
         Route("/v1/models/{model:path}", model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        *page_routes(),  # the chat page: / and /static/NAME (server/web.py)
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error, Exception: server_error})

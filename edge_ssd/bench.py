@@ -137,6 +137,12 @@ def run_bench(args) -> int:
     mode_kw = {m: parse_mode(m) for m in modes}
     if args.json:
         check_output(args.json, [args.prompts], "--json")
+    if args.chart:
+        from .charts import chart_paths, require_matplotlib
+
+        require_matplotlib()
+        for path in chart_paths(args.chart):
+            check_output(path, [args.prompts], "--chart")
     cats = set(args.categories.split(",")) if args.categories else None
     prompts = read_prompts(args.prompts, args.limit, cats)
     if not prompts:
@@ -166,11 +172,16 @@ def run_bench(args) -> int:
     table = summarize(results, modes)
     print_table(table, modes)
     print(f"peak RSS {fmt_bytes(peak_rss_bytes())}; providers {engine.providers()}")
+    out = {"bundle": str(engine.bundle.path), "modes": modes, "costs": engine.costs.to_json(),
+           "max_new_tokens": args.max_new_tokens, "exact": engine.options.exact,
+           "threads": engine.options.threads, "summary": table, "results": results,
+           "peak_rss_bytes": peak_rss_bytes()}
     if args.json:
         with replace_when_done(args.json) as f:
-            f.write(json.dumps({
-                "bundle": str(engine.bundle.path), "modes": modes, "costs": engine.costs.to_json(),
-                "max_new_tokens": args.max_new_tokens, "exact": engine.options.exact,
-                "threads": engine.options.threads, "summary": table, "results": results,
-                "peak_rss_bytes": peak_rss_bytes()}, indent=1))
+            f.write(json.dumps(out, indent=1))
+    if args.chart:
+        from .charts import render
+
+        for path in render(out, args.chart):
+            print(f"chart {path}")
     return 0

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated; each MODE[/key=value...], e.g. ar,spec,spec/k=4,spec/drafter=ngram")
     b.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens)
     b.add_argument("--json", type=Path, default=None, help="write all results here")
+    b.add_argument("--chart", type=Path, default=None,
+                   help="also draw OUT.png (tokens/s, speed-up, acceptance per category) and OUT-drafts.png "
+                        "(acceptance by draft position, K per round); needs the charts extra")
     add_serve_parser(sub)
     return ap
 

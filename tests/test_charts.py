@@ -90,3 +90,18 @@ def test_bench_report_chart(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "| **ALL** | 39 |" in p.stdout
     assert_charts(charts.chart_paths(out))
+
+
+def test_bench_cli_draws_its_charts(fp32_bundle, tmp_path):
+    pytest.importorskip("matplotlib")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p, "category": c}) for p, c in
+                                 [("def add(a, b):", "coding"), ("hello world", "qa")]) + "\n")
+    out = tmp_path / "bench.png"
+    p = subprocess.run([sys.executable, "-m", "edge_ssd.cli", "bench", "--bundle", str(fp32_bundle.path),
+                        "--prompts", str(prompts), "--modes", "ar,spec", "--max-new-tokens", "10",
+                        "--threads", "1", "--chart", str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    paths = list(charts.chart_paths(out))
+    assert all(f"chart {path}" in p.stdout for path in paths)
+    assert [png_size(path) for path in paths] == list(charts.SIZE_PX)

@@ -8,6 +8,8 @@ are ignored (attention reads `seqlens_k`) and overwritten by the next step.
 """
 from __future__ import annotations
 
+import contextlib
+import sys
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -49,9 +51,10 @@ class OnnxLM:
         self.min_rows = min_rows
         self.max_context = min(entry.max_context, max_context or entry.max_context)
         try:
-            self.session = ort.InferenceSession(
-                str(entry.graph), session_options(threads), providers=[PROVIDERS[provider]]
-            )
+            with contextlib.redirect_stdout(sys.stderr):  # its "EP Error ... falling back" goes to stdout
+                self.session = ort.InferenceSession(
+                    str(entry.graph), session_options(threads), providers=[PROVIDERS[provider]]
+                )
         except Exception as e:  # onnxruntime raises its own exception types; say which file
             raise BundleError(f"onnxruntime could not load {entry.graph}: {e}") from e
         self.provider = provider

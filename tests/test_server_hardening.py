@@ -373,9 +373,20 @@ def test_busy_port_fails_before_the_banner_and_logs_go_to_stderr(fp32_bundle):
         assert len(lines) == 1 and f"{first.port}" in lines[0] and "in use" in lines[0], p.stderr
         assert p.stdout == ""
         first.stop()
-    # -v: uvicorn's access log goes to stderr; stdout carries the banner only
-    with Served(fp32_bundle.path, verbose=True) as srv:
+
+def test_stdout_carries_the_banner_only(fp32_bundle, tmp_path):
+    """uvicorn's access log (-v) and onnxruntime's "EP Error" fallback banner, which
+    onnxruntime prints on stdout, both go to stderr."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import onnxruntime\n"
+        "_init = onnxruntime.InferenceSession.__init__\n"
+        "def init(self, *a, **k):\n"
+        "    print('*************** EP Error ***************')  # what onnxruntime prints on a fallback\n"
+        "    _init(self, *a, **k)\n"
+        "onnxruntime.InferenceSession.__init__ = init\n")
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    with Served(fp32_bundle.path, verbose=True, env={"PYTHONPATH": path}) as srv:
         assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
         out, err = srv.stop()
     assert len(out.splitlines()) == 1 and out.startswith("edge-ssd serve: model "), out
-    assert "GET /health" in err and "Traceback" not in err
+    assert "GET /health" in err and "EP Error" in err and "Traceback" not in err

@@ -24,6 +24,7 @@ psutil = pytest.importorskip("psutil")
 
 from edge_ssd.api import Engine  # noqa: E402
 from edge_ssd.server import ServeOptions, build_app  # noqa: E402
+from edge_ssd.server.net import server_config  # noqa: E402
 
 HOST = "127.0.0.1"
 MSGS = [{"role": "user", "content": "Write a function that adds two numbers."}]
@@ -32,13 +33,14 @@ JSON = {"content-type": "application/json"}
 
 
 class Live:
-    """uvicorn serving `app` on a free loopback port, in a daemon thread."""
+    """uvicorn serving `app` on a free loopback port, in a daemon thread, with the settings
+    `edge-ssd serve` uses (its limits included); `config` overrides some."""
 
     def __init__(self, app, **config):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind((HOST, 0))
         self.port = self.sock.getsockname()[1]
-        cfg = uvicorn.Config(app, log_level="warning", lifespan="on", **config)
+        cfg = server_config(app, app.state.edge_ssd.options, **config)
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.url = f"http://{HOST}:{self.port}"

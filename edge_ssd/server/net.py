@@ -12,6 +12,7 @@ import asyncio
 import copy
 import errno
 import socket
+import time
 from typing import Optional
 
 from ..errors import EdgeSSDError
@@ -60,6 +61,7 @@ def guarded_h11(header_timeout: float, max_connections: int) -> type:
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     busy = _busy_response(max_connections)
+    warned = [0.0]  # when a refusal was last logged: a flood of connections is one line per minute
 
     class GuardedH11Protocol(H11Protocol):
         _header_timer: Optional[asyncio.TimerHandle] = None
@@ -67,8 +69,10 @@ def guarded_h11(header_timeout: float, max_connections: int) -> type:
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             if len(self.connections) > max_connections:
-                self.logger.warning("refused a connection: %d open, the limit is %d", len(self.connections) - 1,
-                                    max_connections)
+                if time.monotonic() - warned[0] > 60:
+                    warned[0] = time.monotonic()
+                    self.logger.warning("refusing connections: %d are open, the limit (--max-connections) is %d",
+                                        len(self.connections) - 1, max_connections)
                 transport.write(busy)
                 transport.close()
                 return

@@ -101,8 +101,9 @@ def serve(args) -> int:
         if srv.hosts.beyond_loopback and not options.api_key:
             log.warning("listening on %s without --api-key: anyone who can reach this port can use the model",
                         args.host)
+        host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"edge-ssd serve: model {srv.model!r}, providers {engine.providers()}, "
-              f"http://{args.host}:{args.port}/v1 (slots {options.max_concurrency}, queue {options.queue})",
+              f"http://{host}:{args.port}/v1 (slots {options.max_concurrency}, queue {options.queue})",
               flush=True)
         verbose = logging.getLogger().isEnabledFor(logging.INFO)
         server = uvicorn.Server(server_config(app, options, verbose))

@@ -23,18 +23,13 @@ MAX_HEADER_BYTES = 16 * 1024  # request line + headers: h11 answers 400 beyond (
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind the address (asyncio listens on it later): a busy port fails at once, before the
-    bundle is loaded and before anything is printed."""
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                                          flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as e:
-        raise EdgeSSDError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock = socket.socket(family, kind, proto)
+    """Bind the address as uvicorn would (IPv6 when the host has a colon), before the bundle is
+    loaded and before anything is printed, so a busy port fails at once; asyncio listens on it."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait out TIME_WAIT
-        sock.bind(addr)
-    except OSError as e:
+        sock.bind((host, port))
+    except OSError as e:  # socket.gaierror too: an unknown host name
         sock.close()
         hint = " (is another server running there? choose a port with --port)" if e.errno == errno.EADDRINUSE else ""
         raise EdgeSSDError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None

@@ -77,6 +77,13 @@ def check_defaults(engine, defaults: Request) -> None:
     engine.stream("ok", request=defaults, raw=True).close()
 
 
+def banner(srv, host: str, port: int) -> str:
+    """The one line `serve` prints on stdout, once the port is bound and the bundle loaded."""
+    shown = f"[{host}]" if ":" in host else host
+    return (f"edge-ssd serve: model {srv.model!r}, providers {srv.engine.providers()}, http://{shown}:{port}/v1 "
+            f"(slots {srv.options.max_concurrency}, queue {srv.options.queue})")
+
+
 def serve(args) -> int:
     """Load the bundle and serve until SIGTERM / Ctrl-C. EdgeSSDError for bad flags.
 
@@ -101,10 +108,7 @@ def serve(args) -> int:
         if srv.hosts.beyond_loopback and not options.api_key:
             log.warning("listening on %s without --api-key: anyone who can reach this port can use the model",
                         args.host)
-        host = f"[{args.host}]" if ":" in args.host else args.host
-        print(f"edge-ssd serve: model {srv.model!r}, providers {engine.providers()}, "
-              f"http://{host}:{args.port}/v1 (slots {options.max_concurrency}, queue {options.queue})",
-              flush=True)
+        print(banner(srv, args.host, args.port), flush=True)
         verbose = logging.getLogger().isEnabledFor(logging.INFO)
         server = uvicorn.Server(server_config(app, options, verbose))
         server.run(sockets=[sock])

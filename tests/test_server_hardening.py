@@ -148,6 +148,20 @@ def test_foreign_host_is_refused(engine):
         assert s.metrics()['edge_ssd_requests_total{endpoint="host",status="421"}'] == 12
 
 
+def test_host_policy_beyond_loopback(engine):
+    """Bound to 0.0.0.0: any IP address at any port (NAT, docker -p) and this machine's name
+    pass; other names still do not."""
+    with Live(build_app(engine, ServeOptions(host="0.0.0.0"))) as s:
+        def status(host: str) -> int:
+            return httpx.get(s.url + "/health", headers={"host": host}, timeout=30).status_code
+
+        for host in ("192.168.1.5:9000", "[fe80::1]:8080", "10.0.0.7", f"{socket.gethostname()}:{s.port}",
+                     f"{socket.gethostname().split('.')[0]}.local", f"localhost:{s.port}"):
+            assert status(host) == 200, host
+        for host in (f"evil.example:{s.port}", "192.168.1.5.nip.io", f"localhost:{s.port + 1}"):
+            assert status(host) == 421, host
+
+
 def test_serve_flags_for_hosts(fp32_bundle):
     """`--allowed-hosts` reaches the server; a malformed entry stops it at start."""
     bad = Served(fp32_bundle.path, "--allowed-hosts", "ok.example,bad/host").run()

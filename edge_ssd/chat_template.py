@@ -52,14 +52,20 @@ def render_template(source: str, **context: Any) -> str:
     sys.settrace(budget.trace)  # this thread only
     try:
         return budget.collect(template.generate(**context))
+    except RequestError:  # the template's own raise_exception
+        raise
     except TemplateTooLong as e:
         raise RequestError(f"chat template: {e}") from None
     except RecursionError:
         raise RequestError("chat template: its recursion is too long (too deep)") from None
+    except OverflowError as e:  # the sandbox's own range cap
+        raise RequestError(f"chat template: a loop is too long ({e})") from None
     except MemoryError:
         raise RequestError("chat template: its output is too long (out of memory)") from None
     except TemplateError as e:
         raise RequestError(f"chat template failed to render: {e}") from e
+    except Exception as e:  # noqa: BLE001 - the bundle's template is at fault, not the server
+        raise RequestError(f"chat template failed to render: {type(e).__name__}: {e}") from e
     finally:
         sys.settrace(previous)
 

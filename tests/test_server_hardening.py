@@ -345,6 +345,7 @@ HOSTILE = {
     "recursion": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
     "one huge value": "{{ ' ' | center(10 ** 10) }}",
     "huge output": "{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}",
+    "one huge range": "{% for i in range(500000) %}{% endfor %}",
 }
 
 
@@ -370,6 +371,10 @@ def test_hostile_chat_template_is_bounded(hostile_bundle):
             assert err["message"].startswith("chat template") and "too long" in err["message"], (name, err)
             assert time.monotonic() - t0 < 8, name
             assert httpx.get(s.url + "/health", timeout=5).status_code == 200
+        # a template that fails is the bundle's fault, told as such (not a 500)
+        hostile.tokenizer.meta["chat_template"] = "{{ 1 // 0 }}"
+        err = assert_error(httpx.post(s.url + CHAT, json={"messages": MSGS}, timeout=30), 400)
+        assert err["message"].startswith("chat template failed to render: ZeroDivisionError"), err
         # raw completions need no template, and the server still generates
         r = httpx.post(s.url + "/v1/completions", json={"prompt": "def add", "max_tokens": 2}, timeout=30)
         assert r.status_code == 200, r.text

@@ -130,7 +130,8 @@ def test_foreign_host_is_refused(engine):
         def status(host: str, path: str = "/health", post: bool = False) -> int:
             h = {"host": host, **JSON}
             if post:
-                return httpx.post(s.url + path, json={"messages": MSGS, "max_tokens": 2}, headers=h, timeout=30).status_code
+                body = {"messages": MSGS, "max_tokens": 2}
+                return httpx.post(s.url + path, json=body, headers=h, timeout=30).status_code
             return httpx.get(s.url + path, headers=h, timeout=30).status_code
 
         for host in (f"evil.example:{port}", "evil.example", f"localhost.evil.example:{port}",
@@ -162,14 +163,16 @@ def test_host_policy_beyond_loopback(engine):
             assert status(host) == 421, host
 
 
-def test_serve_flags_for_hosts(fp32_bundle):
-    """`--allowed-hosts` reaches the server; a malformed entry stops it at start."""
-    bad = Served(fp32_bundle.path, "--allowed-hosts", "ok.example,bad/host").run()
+def test_serve_flags_for_hosts(fp32_bundle, tmp_path):
+    """`--allowed-hosts` reaches the server; a malformed entry stops it at start (before the
+    bundle, which here does not exist, is looked at)."""
+    bad = Served(tmp_path / "no-bundle", "--allowed-hosts", "ok.example,bad/host").run()
     assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0, bad.stderr
     assert "bad/host" in bad.stderr and bad.stdout == ""
     with Served(fp32_bundle.path, "--allowed-hosts", "pi.example") as srv:
         assert httpx.get(srv.url + "/health", headers={"host": "pi.example"}, timeout=10).status_code == 200
-        assert httpx.get(srv.url + "/health", headers={"host": f"evil.example:{srv.port}"}, timeout=10).status_code == 421
+        evil = httpx.get(srv.url + "/health", headers={"host": f"evil.example:{srv.port}"}, timeout=10)
+        assert evil.status_code == 421
         srv.stop()
 
 
@@ -182,13 +185,12 @@ def test_serve_flags_for_hosts(fp32_bundle):
     (["--api-key", "clé-secrète"], None, "ASCII"),
     (["--api-key", "two words"], None, "ASCII"),
 ])
-def test_unusable_api_key_stops_the_server_at_start(fp32_bundle, flags, env, word):
-    t0 = time.monotonic()
-    p = Served(fp32_bundle.path, *flags, env=env).run()
+def test_unusable_api_key_stops_the_server_at_start(tmp_path, flags, env, word):
+    p = Served(tmp_path / "no-bundle", *flags, env=env).run()  # refused before the bundle is looked at
     assert p.returncode == 1, (p.returncode, p.stderr)
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and word in lines[0], p.stderr
-    assert p.stdout == "" and time.monotonic() - t0 < 30  # before the bundle is loaded or a banner printed
+    assert p.stdout == ""
 
 
 def test_api_key_compares_the_bytes_sent(engine):
@@ -383,15 +385,15 @@ def test_hostile_chat_template_is_bounded(hostile_bundle):
 # -- 8. start-up: a busy port, and what goes to stdout -------------------------------------------
 
 
-def test_busy_port_fails_before_the_banner_and_logs_go_to_stderr(fp32_bundle):
+def test_busy_port_fails_before_the_bundle_and_the_banner(fp32_bundle, tmp_path):
     with Served(fp32_bundle.path, "--max-new-tokens", "2") as first:
-        t0 = time.monotonic()
-        p = Served(fp32_bundle.path, port=first.port).run()
-        assert p.returncode == 1 and time.monotonic() - t0 < 30
+        p = Served(tmp_path / "no-bundle", port=first.port).run()  # the port is checked first
+        assert p.returncode == 1
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and f"{first.port}" in lines[0] and "in use" in lines[0], p.stderr
         assert p.stdout == ""
         first.stop()
+
 
 def test_stdout_carries_the_banner_only(fp32_bundle, tmp_path):
     """uvicorn's access log (-v) and onnxruntime's "EP Error" fallback banner, which

@@ -20,8 +20,8 @@ REPLACEMENT = "\ufffd"
 
 # `encode_special_tokens` is state of the HF tokenizer object; build_prompt turns it on for
 # text typed into messages, and does all of its encoding under this lock so that no other
-# request's encoding runs while it is on.
-_ENCODE_LOCK = threading.Lock()
+# request's encoding runs while it is on (reentrant, so that Tokenizer.encode may take it too).
+_ENCODE_LOCK = threading.RLock()
 
 
 class Tokenizer:

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import hmac
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -15,9 +16,10 @@ from ..errors import EdgeSSDError
 from ..request import Request
 from .admission import Gate
 from .bridge import GenerationThread
+from .hosts import HostPolicy, check_allowed
 from .metrics import Metrics
-from .protocol import (APIError, bad, choice, dumps, edge_ssd_field, finish_reason, from_engine_error, now,
-                       parse_json, request_from_body, usage)
+from .protocol import (APIError, bad, check_content_type, choice, dumps, edge_ssd_field, finish_reason,
+                       from_engine_error, now, parse_json, request_from_body, usage)
 
 log = logging.getLogger("edge_ssd.server")
 
@@ -27,10 +29,32 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-
                (b"x-accel-buffering", b"no")]
 
 
+# What a request cancelled by a shutdown past its deadline is told (instead of a cut connection).
+SHUTTING_DOWN = APIError(503, "the server is shutting down and stopped this request; retry later",
+                         type_="server_error", code="server_shutting_down", headers={"retry-after": "5"})
+
+
+def check_api_key(key: Optional[str], source: str = "api_key") -> None:
+    """Refuse, at start, a key that would silently disable auth (empty) or could never match.
+
+    HTTP carries header values as bytes that servers decode as latin-1, while a key typed on a
+    command line is UTF-8: a non-ASCII key would compare unequal to what every client sends.
+    """
+    if key is None:
+        return
+    if not key:
+        raise EdgeSSDError(f"{source} is set but empty, which would turn authentication off; "
+                           "give a key, or leave it unset to serve without one")
+    if not (key.isascii() and key.isprintable()) or any(c.isspace() for c in key):
+        raise EdgeSSDError(f"{source} must be printable ASCII without spaces (what an HTTP header can carry)")
+
+
 @dataclass
 class ServeOptions:
     model_name: Optional[str] = None      # default: the bundle's name
     api_key: Optional[str] = None         # when set, /v1/* and /metrics need `Authorization: Bearer KEY`
+    host: str = "127.0.0.1"               # the bind address: with loopback names, what Host may name
+    allowed_hosts: tuple = ()             # more Host names (`name` or `name:port`; `*`: no check)
     max_concurrency: int = 1              # requests generating at once (the engine runs one at a time)
     queue: int = 8                        # requests waiting for a slot; beyond: 429
     max_body_bytes: int = MiB             # larger request bodies: 413
@@ -38,8 +62,23 @@ class ServeOptions:
     defaults: Request = field(default_factory=Request)  # what a request does not set (the CLI's flags)
     metrics_window: int = 32              # requests averaged by the tokens/s and acceptance gauges
     shutdown_join_s: float = 10.0         # how long shutdown waits for generation threads
+    # connection limits, applied by `net.server_config` (uvicorn has no header or body timeout)
+    header_timeout: float = 10.0          # seconds a client has to send a request's headers
+    body_timeout: float = 30.0            # then seconds to send its body (408 beyond)
+    keep_alive_timeout: float = 5.0       # an idle keep-alive connection is closed after this
+    max_connections: int = 64             # open connections; more are answered 503 and closed
+    shutdown_timeout: float = 30.0        # after SIGTERM, seconds in-flight requests get to finish
 
     def __post_init__(self) -> None:
+        check_api_key(self.api_key)
+        self.allowed_hosts = check_allowed(self.allowed_hosts)
+        for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
+            if not getattr(self, name) > 0:
+                raise EdgeSSDError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.shutdown_timeout < 0:
+            raise EdgeSSDError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}")
+        if self.max_connections < 1:
+            raise EdgeSSDError(f"max_connections must be >= 1, got {self.max_connections}")
         if self.max_concurrency < 1:
             raise EdgeSSDError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
         if self.queue < 0:
@@ -69,7 +108,9 @@ class EdgeServer:
         self.metrics = Metrics(options.metrics_window)
         self.jobs: set = set()
         self.created = now()
-        self._key = options.api_key.encode() if options.api_key else None
+        self.hosts = HostPolicy(options.host, options.allowed_hosts)
+        self.turn = threading.Lock()  # one generation uses the engine at a time (see GenerationThread)
+        self._key = options.api_key.encode("ascii") if options.api_key is not None else None
 
     # -- checks ------------------------------------------------------------------------------
     def check_auth(self, request) -> None:
@@ -77,7 +118,8 @@ class EdgeServer:
             return
         auth = request.headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
-        ok = scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._key)
+        # header values arrive as latin-1 text: their bytes are what the client sent
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("latin-1"), self._key)
         if not ok:
             raise APIError(401, "missing or invalid API key (send Authorization: Bearer KEY)",
                            type_="authentication_error", code="invalid_api_key",
@@ -95,20 +137,28 @@ class EdgeServer:
                 raise bad("invalid Content-Length header") from None
         from starlette.requests import ClientDisconnect
 
-        buf = bytearray()
-        try:
+        async def read() -> bytes:
+            buf = bytearray()
             async for chunk in request.stream():
                 buf += chunk
                 if len(buf) > limit:
                     raise too_big
+            return bytes(buf)
+
+        try:
+            raw = await asyncio.wait_for(read(), self.options.body_timeout)
         except ClientDisconnect:
             raise APIError(DISCONNECTED, "the client went away while sending the request") from None
-        return parse_json(bytes(buf))
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {self.options.body_timeout:g} s",
+                           code="request_timeout", headers={"connection": "close"}) from None
+        return parse_json(raw)
 
     # -- endpoints ---------------------------------------------------------------------------
     async def generation(self, request, endpoint: str):
         """Validate, admit, prepare; the returned ASGI callable runs the request."""
         self.check_auth(request)
+        check_content_type(request.headers.get("content-type"))
         body = await self.read_body(request)
         req = request_from_body(body, self.options.defaults, self.cap, endpoint)
         stream_flag = body.get("stream", False)
@@ -175,11 +225,12 @@ class RequestRun:
         prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
         self.id = prefix + uuid.uuid4().hex[:24]
         self.created = now()
+        self.started = False  # the event stream's 200 is sent: errors are events from now on
 
     async def __call__(self, scope, receive, send) -> None:
         srv = self.srv
         loop = asyncio.get_running_loop()
-        job = GenerationThread(self.stream, loop)
+        job = GenerationThread(self.stream, loop, srv.turn)
         gone = asyncio.Event()
         watcher = asyncio.ensure_future(self._watch(receive, gone, job))
         status = 500
@@ -191,10 +242,18 @@ class RequestRun:
                 srv.jobs.add(job)
                 job.start()
                 status = await (self._stream(send, job) if self.streaming else self._collect(send, job))
+            except asyncio.CancelledError:  # shutdown past its deadline (uvicorn cancels the request)
+                status = SHUTTING_DOWN.status
+                if not self.started:
+                    raise  # nothing sent yet: `Guard` answers with a JSON 503
+                await self._end_stream(send, SHUTTING_DOWN.body())
             finally:
                 await job.finish()
                 srv.jobs.discard(job)
                 srv.gate.release()
+        except asyncio.CancelledError:
+            status = SHUTTING_DOWN.status
+            raise
         finally:
             watcher.cancel()
             srv.gate.leave()
@@ -248,62 +307,103 @@ class RequestRun:
                 await send_json(send, 200, obj)
                 return 200
 
+    async def _event(self, send, payload: Any) -> None:
+        data = payload if isinstance(payload, bytes) else dumps(payload)
+        await send({"type": "http.response.body", "body": b"data: " + data + b"\n\n", "more_body": True})
+
+    async def _end_stream(self, send, last: Optional[dict] = None) -> None:
+        """A stream always ends the same way: its last event (an error, or usage), then [DONE]."""
+        if last is not None:
+            await self._event(send, last)
+        await self._event(send, b"[DONE]")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
     async def _stream(self, send, job: GenerationThread) -> int:
         obj_name = "chat.completion.chunk" if self.endpoint == "chat" else "text_completion"
-
-        async def event(payload: Any) -> None:
-            data = payload if isinstance(payload, bytes) else dumps(payload)
-            await send({"type": "http.response.body", "body": b"data: " + data + b"\n\n", "more_body": True})
 
         def chunk(text: Optional[str], finish: Optional[str] = None, first: bool = False) -> dict:
             c = self._envelope(obj_name)
             c["choices"] = [self._choice(text, finish, delta=True, first=first)]
             return c
 
-        started = False
         while True:
             kind, val = await job.next()
             if kind == "gone":
                 return DISCONNECTED
-            if kind == "error" and not started:  # nothing sent yet: a plain error response
+            if kind == "error" and not self.started:  # nothing sent yet: a plain error response
                 err = self._error(val)
                 await send_json(send, err.status, err.body())
                 return err.status
-            if not started:
-                started = True
+            if not self.started:
+                self.started = True
                 await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
                 if self.endpoint == "chat":
-                    await event(chunk(None, first=True))
+                    await self._event(send, chunk(None, first=True))
             if kind == "piece":
-                await event(chunk(val))
+                await self._event(send, chunk(val))
                 continue
             if kind == "error":
                 err = self._error(val)
-                await event(err.body())
-                status = err.status
-            else:
-                res = val
-                if res is None:
-                    return DISCONNECTED
-                self.srv.metrics.finished(res.stats, res.finish_reason)
-                last = chunk(None, finish_reason(res.finish_reason))
-                last["usage"] = usage(res.stats)
-                last["edge_ssd"] = edge_ssd_field(res)
-                await event(last)
-                if self.include_usage:
-                    u = self._envelope(obj_name)
-                    u["choices"], u["usage"] = [], usage(res.stats)
-                    await event(u)
-                status = 200
-            await event(b"[DONE]")
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return status
+                await self._end_stream(send, err.body())
+                return err.status
+            res = val
+            if res is None:
+                return DISCONNECTED
+            self.srv.metrics.finished(res.stats, res.finish_reason)
+            last = chunk(None, finish_reason(res.finish_reason))
+            last["usage"] = usage(res.stats)
+            last["edge_ssd"] = edge_ssd_field(res)
+            await self._event(send, last)
+            u = None
+            if self.include_usage:
+                u = self._envelope(obj_name)
+                u["choices"], u["usage"] = [], usage(res.stats)
+            await self._end_stream(send, u)
+            return 200
 
     def _error(self, e: BaseException) -> APIError:
         if isinstance(e, EdgeSSDError):
             return from_engine_error(e)
         log.error("generation failed", exc_info=(type(e), e, e.__traceback__))
         return APIError(500, f"generation failed: {type(e).__name__}", type_="server_error", code="internal_error")
+
+
+class Guard:
+    """The outermost ASGI layer, around every route.
+
+    * Refuses a request whose Host is not a name of this server (421), before auth or any
+      route runs: see `hosts.HostPolicy`.
+    * A request that uvicorn cancels because a shutdown ran past its deadline, before it sent
+      anything, is answered with a JSON 503 (uvicorn would log a traceback and send a
+      plain-text 500). The cancellation ends here: the request is over, nothing is left to stop.
+    """
+
+    def __init__(self, app, srv: EdgeServer):
+        self.app, self.srv = app, srv
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+        refusal = self.srv.hosts.refusal(host, (scope.get("server") or (None, None))[1])
+        if refusal is not None:
+            self.srv.metrics.requests[("host", 421)] += 1
+            await send_json(send, 421, APIError(421, refusal, code="invalid_host").body())
+            return
+        started = False
+
+        async def tracked(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:
+            log.info("shutdown deadline: %s %s stopped", scope["method"], scope["path"])
+            if not started:
+                await send_json(send, SHUTTING_DOWN.status, SHUTTING_DOWN.body(), SHUTTING_DOWN.headers)
 
 
 @functools.lru_cache(maxsize=1)
@@ -330,6 +430,7 @@ def build_app(engine, options: Optional[ServeOptions] = None):
 
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
     from starlette.responses import JSONResponse, PlainTextResponse
     from starlette.routing import Route
 
@@ -407,7 +508,7 @@ def build_app(engine, options: Optional[ServeOptions] = None):
         Route("/metrics", metrics, methods=["GET"]),
         *page_routes(),  # the chat page: / and /static/NAME (server/web.py)
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(Guard, srv=srv)],
                     exception_handlers={HTTPException: http_error, Exception: server_error})
     app.state.edge_ssd = srv
     return app

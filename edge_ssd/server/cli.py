@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from typing import Optional
 
 from ..cli_args import add_engine_args, add_request_args, engine_from_args, request_from_args
 from ..errors import EdgeSSDError
 from ..request import Request
-from .app import MiB, ServeOptions, build_app, require_serve_deps
+from .app import MiB, ServeOptions, build_app, check_api_key, require_serve_deps
+from .hosts import parse_allowed
 
 log = logging.getLogger("edge_ssd.server")
 
@@ -32,17 +34,40 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--max-tokens-cap", type=int, default=None,
                    help="largest max_tokens a request may ask for (default: the context length)")
     s.add_argument("--model-name", default=None, help="model id reported by the API (default: bundle name)")
-    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+    s.add_argument("--shutdown-timeout", type=float, default=ServeOptions.shutdown_timeout,
                    help="seconds in-flight requests get to finish after SIGTERM")
+    s.add_argument("--allowed-hosts", default="", metavar="A,B",
+                   help="more names clients may reach the server by (Host header: name or name:port; '*': any). "
+                        "Loopback names and the bound address always work")
+    s.add_argument("--header-timeout", type=float, default=ServeOptions.header_timeout,
+                   help="seconds a client has to send a request's headers before the connection is closed")
+    s.add_argument("--body-timeout", type=float, default=ServeOptions.body_timeout,
+                   help="seconds a client then has to send the request body (408 beyond)")
+    s.add_argument("--keep-alive-timeout", type=float, default=ServeOptions.keep_alive_timeout,
+                   help="seconds an idle keep-alive connection stays open")
+    s.add_argument("--max-connections", type=int, default=ServeOptions.max_connections,
+                   help="open connections at most; more are answered 503 and closed")
     return p
 
 
+def api_key_from(args) -> Optional[str]:
+    """--api-key, else $EDGE_SSD_API_KEY; an empty or unusable one stops the server naming its source."""
+    if args.api_key is not None:
+        key, source = args.api_key, "--api-key"
+    else:
+        key, source = os.environ.get("EDGE_SSD_API_KEY"), "EDGE_SSD_API_KEY"
+    check_api_key(key, source)
+    return key
+
+
 def options_from_args(args) -> ServeOptions:
-    key = args.api_key if args.api_key is not None else os.environ.get("EDGE_SSD_API_KEY") or None
     defaults = request_from_args(args)  # the generation flags exactly as `generate` reads them
-    return ServeOptions(model_name=args.model_name, api_key=key, max_concurrency=args.max_concurrency,
+    return ServeOptions(model_name=args.model_name, api_key=api_key_from(args), host=args.host,
+                        allowed_hosts=parse_allowed(args.allowed_hosts), max_concurrency=args.max_concurrency,
                         queue=args.queue, max_body_bytes=args.max_body, max_tokens_cap=args.max_tokens_cap,
-                        defaults=defaults)
+                        defaults=defaults, header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                        keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections,
+                        shutdown_timeout=args.shutdown_timeout)
 
 
 def check_defaults(engine, defaults: Request) -> None:
@@ -51,33 +76,49 @@ def check_defaults(engine, defaults: Request) -> None:
     engine.stream("ok", request=defaults, raw=True).close()
 
 
+def banner(srv, host: str, port: int) -> str:
+    """The one line `serve` prints on stdout, once the port is bound and the bundle loaded."""
+    shown = f"[{host}]" if ":" in host else host
+    return (f"edge-ssd serve: model {srv.model!r}, providers {srv.engine.providers()}, http://{shown}:{port}/v1 "
+            f"(slots {srv.options.max_concurrency}, queue {srv.options.queue})")
+
+
 def serve(args) -> int:
-    """Load the bundle and serve until SIGTERM / Ctrl-C. EdgeSSDError for bad flags."""
+    """Load the bundle and serve until SIGTERM / Ctrl-C. EdgeSSDError for bad flags.
+
+    Order: flags, then the port (bound, so a busy one fails in a second), then the bundle;
+    the banner is printed only when all of that worked.
+    """
     require_serve_deps()
     import uvicorn
+
+    from .net import bind_socket, server_config
 
     if not 0 < args.port < 65536:
         raise EdgeSSDError(f"--port must be in 1..65535, got {args.port}")
     options = options_from_args(args)
-    engine = engine_from_args(args)
-    check_defaults(engine, options.defaults)
-    app = build_app(engine, options)
-    srv = app.state.edge_ssd
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
-        log.warning("listening on %s without --api-key: anyone who can reach this port can use the model",
-                    args.host)
-    print(f"edge-ssd serve: model {srv.model!r}, providers {engine.providers()}, http://{args.host}:{args.port}/v1 "
-          f"(slots {options.max_concurrency}, queue {options.queue})", flush=True)
-    verbose = logging.getLogger().isEnabledFor(logging.INFO)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if verbose else "warning",
-                access_log=verbose, timeout_graceful_shutdown=args.shutdown_timeout, server_header=False,
-                proxy_headers=False)
+    sock = bind_socket(args.host, args.port)
+    try:
+        engine = engine_from_args(args)
+        check_defaults(engine, options.defaults)
+        app = build_app(engine, options)
+        srv = app.state.edge_ssd
+        if srv.hosts.beyond_loopback and not options.api_key:
+            log.warning("listening on %s without --api-key: anyone who can reach this port can use the model",
+                        args.host)
+        print(banner(srv, args.host, args.port), flush=True)
+        verbose = logging.getLogger().isEnabledFor(logging.INFO)
+        server = uvicorn.Server(server_config(app, options, verbose))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if not server.started:
+        raise EdgeSSDError("the server did not start (see the log above)")
     return 0
 
 
 def main(argv: Optional[list] = None) -> int:
     """`python -m edge_ssd.server --bundle DIR ...`: the same as `edge-ssd serve`."""
-    import sys
 
     ap = argparse.ArgumentParser(prog="edge-ssd")
     sub = ap.add_subparsers(dest="cmd", required=True)

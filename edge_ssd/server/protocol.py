@@ -44,6 +44,20 @@ def from_engine_error(e: EdgeSSDError, tokens_field: str = "max_tokens") -> APIE
     return APIError(400, str(e), param=param, code=getattr(e, "code", None))
 
 
+def check_content_type(value: Optional[str]) -> None:
+    """POST bodies must be declared JSON (`application/json`, parameters such as a charset allowed).
+
+    A web page can send a cross-site POST without the browser asking the server first only
+    when its type is text/plain, a form, or none at all; refusing those stops a page from
+    driving this server from the user's browser (CORS preflights are never answered here).
+    """
+    media = (value or "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        shown = f"{value[:100]!r}" if value else "none"
+        raise APIError(415, f"the request body must be sent as Content-Type: application/json (got {shown})",
+                       code="unsupported_media_type")
+
+
 def parse_json(raw: bytes) -> dict:
     def no_constants(name: str) -> None:
         raise ValueError(f"{name} is not valid JSON")

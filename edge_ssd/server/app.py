@@ -24,6 +24,9 @@ from .protocol import (APIError, bad, check_content_type, choice, dumps, edge_ss
 log = logging.getLogger("edge_ssd.server")
 
 MiB = 1 << 20
+# Extensions a client may use: per-chunk `edge_ssd_spans` (with "show_sources": true) and
+# OpenAI's Predicted Outputs (`prediction`).
+FEATURES = ("spans", "prediction")
 DISCONNECTED = 499       # status recorded for a client that went away (nginx's convention)
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]
@@ -185,7 +188,7 @@ class EdgeServer:
 
     def health(self) -> dict:
         out = {"status": "ok", "model": self.model, "running": self.gate.running, "queued": self.gate.waiting,
-               "max_context": getattr(self.engine, "max_context", None)}
+               "max_context": getattr(self.engine, "max_context", None), "features": list(FEATURES)}
         plan = getattr(self.engine, "plan", None)  # the memory governor's sizing, when the engine has one
         if plan is not None and hasattr(plan, "to_json"):
             out["memory"] = plan.to_json()
@@ -340,7 +343,10 @@ class RequestRun:
                 if self.endpoint == "chat":
                     await self._event(send, chunk(None, first=True))
             if kind == "piece":
-                await self._event(send, chunk(val))
+                c = chunk(val)
+                if getattr(val, "spans", None):  # asked for with show_sources: where each token came from
+                    c["edge_ssd_spans"] = [{"text": t, "source": src} for t, src in val.spans]
+                await self._event(send, c)
                 continue
             if kind == "error":
                 err = self._error(val)

@@ -75,7 +75,8 @@ class GenerationThread:
         final: tuple = ("done", None)
         try:
             for piece in it:
-                self._post(("piece", piece))
+                if piece:  # an empty piece only marks a point to stop at (a long prompt's chunks)
+                    self._post(("piece", piece))
                 if self.cancel.is_set():
                     break
         except BaseException as e:  # noqa: BLE001 - reported to the request, never lost

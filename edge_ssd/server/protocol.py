@@ -13,7 +13,8 @@ from ..request import Request
 # OpenAI's names for Request fields where they differ (the rest are the same in both).
 OPENAI_NAME = {"max_new_tokens": "max_tokens"}
 # Request fields a body may set under their own names: OpenAI's, and edge-ssd's extensions.
-BODY_FIELDS = ("temperature", "top_p", "seed", "stop", "top_k", "mode", "drafter", "k", "k_min", "k_max", "fanout")
+BODY_FIELDS = ("temperature", "top_p", "seed", "stop", "top_k", "mode", "drafter", "k", "k_min", "k_max", "fanout",
+               "show_sources")
 
 
 class APIError(Exception):
@@ -121,6 +122,8 @@ def request_from_body(body: dict, base: Request, cap: int, endpoint: str) -> Req
     tokens_field, mt = _max_tokens(body, cap)
     fields: dict = {"max_new_tokens": mt if mt is not None else min(base.max_new_tokens, cap)}
     fields.update({name: body[name] for name in BODY_FIELDS if body.get(name) is not None})
+    if body.get("prediction") is not None:
+        fields["prediction"] = predicted_content(body["prediction"])
     if endpoint == "chat":
         fields["messages"] = chat_messages(body)
     else:
@@ -130,6 +133,20 @@ def request_from_body(body: dict, base: Request, cap: int, endpoint: str) -> Req
         return base.with_fields(fields)
     except RequestError as e:
         raise from_engine_error(e, tokens_field) from None
+
+
+def predicted_content(prediction: Any) -> str:
+    """OpenAI's Predicted Outputs: {"type": "content", "content": a string or text parts}."""
+    what = 'prediction must be {"type": "content", "content": a string or a list of text parts}'
+    if not isinstance(prediction, dict) or prediction.get("type") != "content":
+        raise bad(what, param="prediction")
+    content = prediction.get("content")
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise bad(what, param="prediction")
+    return content
 
 
 def chat_messages(body: dict) -> list:

@@ -95,7 +95,8 @@ FAMILIES = {
 }
 
 
-def make_family_model(folder: Path, family: str, seed: int = 0, layers: int = 3, vocab: int = 300) -> Path:
+def make_family_model(folder: Path, family: str, seed: int = 0, layers: int = 3, vocab: int = 300,
+                      **overrides) -> Path:
     """Save a random model of a family in FAMILIES, with its norm weights drawn too (they start
     at one, or zero for Gemma's (1 + w), which would hide a norm applied to the wrong tensor)."""
     import torch
@@ -104,7 +105,7 @@ def make_family_model(folder: Path, family: str, seed: int = 0, layers: int = 3,
 
     cls_name, extra = FAMILIES[family]
     torch.manual_seed(seed)
-    cfg = getattr(transformers, cls_name)(**{**_common(vocab, layers), **extra})
+    cfg = getattr(transformers, cls_name)(**{**_common(vocab, layers), **extra, **overrides})
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():

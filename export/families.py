@@ -9,6 +9,7 @@ never exported subtly wrong.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -71,6 +72,7 @@ class Arch:
     partial_rotary_factor: float = 1.0  # Phi-4-mini: rope on the first 3/4 of each head
     rope_layers: tuple = ()  # per layer, does it apply rope (SmolLM3's NoPE layers); empty: all do
     fused_projections: bool = False  # Phi-3: qkv_proj and gate_up_proj are stored packed
+    weight_prefix: str = ""  # before every weight name: "language_model." in Gemma 3's multimodal checkpoints
 
     @property
     def rotary_dim(self) -> int:
@@ -91,6 +93,8 @@ class Arch:
     def from_config(cls, cfg: dict) -> "Arch":
         archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
         arch = archs[0]
+        if arch in TEXT_MODEL_OF:
+            return _text_model(cls, arch, cfg)
         if arch not in FAMILIES:
             raise UnsupportedModelError(
                 f"architecture {arch} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
@@ -264,6 +268,18 @@ def _gemma3(arch: str, cfg: dict, f: dict) -> dict:
     return {**out, "qk_norm": True, "rope_local_theta": float(cfg["rope_local_base_freq"])}
 
 
+def _text_model(cls: type, arch: str, cfg: dict) -> Arch:
+    """A multimodal checkpoint's language model alone (Gemma 3 4B and up): text prompts in, text
+    out, exactly what the text-only class computes, from `text_config` and the weights under
+    the checkpoint's language_model prefix. The vision tower is not exported."""
+    text_arch, prefix = TEXT_MODEL_OF[arch]
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise KeyError("text_config")
+    inner = cls.from_config({**text, "architectures": [text_arch]})
+    return dataclasses.replace(inner, architecture=arch, weight_prefix=prefix)
+
+
 # Keys every family reads, with the default that most config classes share.
 _BASE_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
                   "hidden_act": "silu"}
@@ -286,4 +302,6 @@ FAMILIES: dict = {
                            "query_pre_attn_scalar": 256, "sliding_window": 4096,
                            "rope_local_base_freq": 10000.0}, _gemma3),
 }
-SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
+# multimodal architecture -> (the text-only architecture of its language model, weight prefix)
+TEXT_MODEL_OF = {"Gemma3ForConditionalGeneration": ("Gemma3ForCausalLM", "language_model.")}
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES) + tuple(TEXT_MODEL_OF)

@@ -202,7 +202,8 @@ class _Decoder:
 
     def __init__(self, arch: Arch, weight: Callable[[str], np.ndarray], quant: QuantConfig, g: _Graph,
                  max_pos: int):
-        self.arch, self.weight, self.quant, self.g, self.max_pos = arch, weight, quant, g, max_pos
+        self.arch, self.quant, self.g, self.max_pos = arch, quant, g, max_pos
+        self.weight = lambda name: weight(arch.weight_prefix + name)
         self.act = np.float16 if quant.act_dtype == "float16" else np.float32
         self.act_t = helper.np_dtype_to_tensor_dtype(np.dtype(self.act))
         self.io = GraphIO()

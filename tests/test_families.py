@@ -97,7 +97,7 @@ def test_missing_keys_take_the_config_class_defaults(architecture):
 
 
 @pytest.mark.parametrize("change,named", [
-    ({"architectures": ["Gemma3ForConditionalGeneration"]}, "Gemma3ForCausalLM"),
+    ({"architectures": ["Gemma3nForCausalLM"]}, "Gemma3ForCausalLM, Gemma3ForConditionalGeneration"),
     ({"use_sliding_window": True}, "use_sliding_window"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"),

@@ -93,6 +93,22 @@ FAMILIES = {
                                         rope_local_base_freq=10000.0,
                                         rope_scaling={"rope_type": "linear", "factor": 4.0})),
 }
+# Gemma 3 4B and up: the same language model inside a multimodal checkpoint (a tiny vision tower;
+# the image tokens sit at the top of the vocabulary, outside the ids the tests feed).
+FAMILIES["gemma3-multimodal"] = ("Gemma3Config", FAMILIES["gemma3"][1])
+MULTIMODAL = dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     image_size=28, patch_size=14),
+                  mm_tokens_per_image=4, boi_token_index=297, eoi_token_index=298, image_token_index=299)
+
+
+def _config(family: str, vocab: int, layers: int, overrides: dict):
+    import transformers
+
+    cls_name, extra = FAMILIES[family]
+    text = {**_common(vocab, layers), **extra, **overrides}
+    if cls_name == "Gemma3Config":
+        return transformers.Gemma3Config(text_config=text, **MULTIMODAL)
+    return getattr(transformers, cls_name)(**text)
 
 
 def make_family_model(folder: Path, family: str, seed: int = 0, layers: int = 3, vocab: int = 300,
@@ -100,12 +116,10 @@ def make_family_model(folder: Path, family: str, seed: int = 0, layers: int = 3,
     """Save a random model of a family in FAMILIES, with its norm weights drawn too (they start
     at one, or zero for Gemma's (1 + w), which would hide a norm applied to the wrong tensor)."""
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM
 
-    cls_name, extra = FAMILIES[family]
     torch.manual_seed(seed)
-    cfg = getattr(transformers, cls_name)(**{**_common(vocab, layers), **extra, **overrides})
+    cfg = _config(family, vocab, layers, overrides)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():

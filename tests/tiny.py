@@ -81,9 +81,9 @@ FAMILIES = {
         "original_max_position_embeddings": 16})),
     "smollm3": ("SmolLM3Config", dict(no_rope_layer_interval=2, pad_token_id=1)),
     "mistral": ("MistralConfig", dict(sliding_window=16)),
-    "phi3": ("Phi3Config", dict(pad_token_id=1, num_attention_heads=2, num_key_value_heads=1, partial_rotary_factor=0.5,
-                                 max_position_embeddings=512, original_max_position_embeddings=128,
-                                 sliding_window=16, rope_scaling={
+    "phi3": ("Phi3Config", dict(pad_token_id=1, num_attention_heads=2, num_key_value_heads=1,
+                                 partial_rotary_factor=0.5, max_position_embeddings=512,
+                                 original_max_position_embeddings=128, sliding_window=16, rope_scaling={
                                      "type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
                                      "long_factor": [2.0] * 8})),
     "gemma2": ("Gemma2Config", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
@@ -96,8 +96,8 @@ FAMILIES = {
 # Gemma 3 4B and up: the same language model inside a multimodal checkpoint (a tiny vision tower;
 # the image tokens sit at the top of the vocabulary, outside the ids the tests feed).
 FAMILIES["gemma3-multimodal"] = ("Gemma3Config", FAMILIES["gemma3"][1])
-MULTIMODAL = dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                     image_size=28, patch_size=14),
+MULTIMODAL = dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, image_size=28, patch_size=14),
                   mm_tokens_per_image=4, boi_token_index=297, eoi_token_index=298, image_token_index=299)
 
 

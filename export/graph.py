@@ -12,6 +12,10 @@ what ONNX Runtime's own GenAI builder emits for these models:
 * `SkipSimplifiedLayerNormalization` for residual-add + RMSNorm, `QuickGelu(alpha=1)` for SiLU;
 * the LM head applied only to the last `logits_to_keep` positions (prefill needs 1 row, a
   verification K+1), so a long prompt does not pay for S x vocab logits.
+* family features (families.py) as the op's own attributes where it has them (`scale`,
+  `softcap`, `local_window_size`, `do_rotary=0` for NoPE layers, a narrower cos/sin cache for
+  partial rotary, one cache per rope base) and a few plain nodes where it has not (per-head q/k
+  RMSNorm, Gemma's post-sublayer norms, embedding scale, FastGelu, the final-logit soft-cap).
 
 One graph serves prefill, one-token decode and K+1-token verification on a non-empty past.
 Weights stream into one external-data file tensor by tensor: the 1.5B target builds in a few

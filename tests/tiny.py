@@ -79,6 +79,7 @@ FAMILIES = {
     "llama3": ("LlamaConfig", dict(tie_word_embeddings=True, rope_theta=500000.0, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16})),
+    "llama-bias": ("LlamaConfig", dict(attention_bias=True)),  # q/k/v and o biases (attention_bias)
     "smollm3": ("SmolLM3Config", dict(no_rope_layer_interval=2, pad_token_id=1)),
     "mistral": ("MistralConfig", dict(sliding_window=16)),
     "phi3": ("Phi3Config", dict(pad_token_id=1, num_attention_heads=2, num_key_value_heads=1,
@@ -113,8 +114,9 @@ def _config(family: str, vocab: int, layers: int, overrides: dict):
 
 def make_family_model(folder: Path, family: str, seed: int = 0, layers: int = 3, vocab: int = 300,
                       **overrides) -> Path:
-    """Save a random model of a family in FAMILIES, with its norm weights drawn too (they start
-    at one, or zero for Gemma's (1 + w), which would hide a norm applied to the wrong tensor)."""
+    """Save a random model of a family in FAMILIES, with its norm weights and biases drawn too
+    (they start at one, or zero, which would hide a norm applied to the wrong tensor or a bias
+    left out)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -123,7 +125,7 @@ def make_family_model(folder: Path, family: str, seed: int = 0, layers: int = 3,
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith(".bias"):
                 p.add_(0.3 * torch.randn_like(p))
     model.save_pretrained(str(folder), safe_serialization=True)
     make_tokenizer(folder, vocab)

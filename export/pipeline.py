@@ -134,7 +134,8 @@ def _tool_versions() -> dict:
 
 
 def _arch_of(hf_dir: Path) -> Arch:
-    """The model's shapes from config.json; refuse what the builder cannot handle, naming the file."""
+    """The model's shapes and family features from config.json; refuse what the builder cannot
+    handle (families.py), naming the file."""
     path = hf_dir / "config.json"
     try:
         cfg = json.loads(path.read_bytes().decode("utf-8"))
@@ -150,9 +151,6 @@ def _arch_of(hf_dir: Path) -> Arch:
         raise SourceError(f"{path}: has no {e.args[0]!r}, which the graph needs") from e
     except (TypeError, ValueError) as e:
         raise SourceError(f"{path}: a field the graph needs is mistyped ({e})") from e
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise UnsupportedModelError(f"activation {act} is not supported (only silu)")
     return arch
 
 

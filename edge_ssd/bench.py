@@ -6,10 +6,13 @@ hits every mode alike). Prints a table per prompt category and writes every resu
 from __future__ import annotations
 
 import json
+import os
+import statistics
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from .cli_args import engine_from_args
 from .errors import EdgeSSDError
@@ -48,48 +51,165 @@ def read_prompts(path: Path, limit: Optional[int] = None, categories: Optional[s
     return rows
 
 
-def summarize(results: list, modes: list) -> dict:
-    """Per category and overall: tokens/s per mode (total tokens / total decode time), speedups."""
+def _decode_tokens(s: dict) -> int:
+    """Tokens that a run's decode time paid for. edge-ssd's first new token comes out of prefill,
+    so it is not counted; a record from another engine says its own count (`decode_tokens`)."""
+    return int(s["decode_tokens"]) if "decode_tokens" in s else max(0, s["new_tokens"] - 1)
+
+
+def _rate(s: dict) -> float:
+    return _decode_tokens(s) / s["decode_s"] if s["decode_s"] else 0.0
+
+
+def _spec_rounds(s: dict) -> int:
+    """Rounds that drafted: from the K per round, or a peer's own count (`spec_rounds`)."""
+    return int(s["spec_rounds"]) if "spec_rounds" in s else sum(1 for k in s["k_chosen"] if k > 0)
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else 0.0
+
+
+def _mode_cell(st: list, per_prompt: bool) -> dict:
+    """One mode over one category's runs: rate, acceptance, mean accepted length, peak RSS."""
+    if per_prompt:
+        cell = {"tokens_per_s": median([_rate(s) for s in st])}
+    else:
+        secs = sum(s["decode_s"] for s in st)
+        cell = {"tokens_per_s": sum(_decode_tokens(s) for s in st) / secs if secs else 0.0}
+    drafted = sum(s.get("drafted", 0) for s in st)
+    if drafted:
+        cell["acceptance_rate"] = sum(s["accepted"] for s in st) / drafted
+        cell["mean_accepted_len"] = sum(s["accepted"] for s in st) / max(1, sum(_spec_rounds(s) for s in st))
+    rss = [s["peak_rss_bytes"] for s in st if s.get("peak_rss_bytes")]
+    if rss:
+        cell["peak_rss_bytes"] = max(rss)
+    return cell
+
+
+def _ratios(rs: list, mode: str, over) -> list:
+    """Per prompt: the mode's rate over `over(record)` (a rate), where that is not zero."""
+    out = []
+    for r in rs:
+        base = over(r)
+        if base:
+            out.append(_rate(r["modes"][mode]) / base)
+    return out
+
+
+def summarize(results: list, modes: list, per_prompt: bool = False, best_of: Sequence[str] = (),
+              groups: Optional[dict] = None) -> dict:
+    """Per category, per extra group and overall ("ALL"), per mode: tokens/s, speedup over
+    modes[0], acceptance, mean accepted length, peak RSS, share of outputs identical to modes[0].
+
+    Default: a category's rate is total tokens / total decode time, and its speedup the ratio
+    of those rates (what a user of the whole workload sees). per_prompt=True: medians of the
+    per-prompt rates and of the per-prompt ratios, which one odd prompt cannot move; for runs
+    in separate processes (tools/peer_bench.py). best_of: modes whose best rate on each prompt
+    every mode is also compared with (`vs_best`, median of per-prompt ratios). groups: extra
+    rows, name -> set of categories (e.g. {"code": {"coding"}}).
+    """
     by_cat = defaultdict(list)
     for r in results:
         by_cat[r["category"]].append(r)
         by_cat["ALL"].append(r)
+        for name, cats in (groups or {}).items():
+            if r["category"] in cats:
+                by_cat[name].append(r)
     table = {}
     for cat, rs in by_cat.items():
         row = {"prompts": len(rs)}
         for m in modes:
-            st = [r["modes"][m] for r in rs]
-            toks = sum(max(0, s["new_tokens"] - 1) for s in st)
-            secs = sum(s["decode_s"] for s in st)
-            row[m] = {"tokens_per_s": toks / secs if secs else 0.0}
-            drafted = sum(s["drafted"] for s in st)
-            if drafted:
-                spec_rounds = sum(sum(1 for k in s["k_chosen"] if k > 0) for s in st)
-                row[m]["acceptance_rate"] = sum(s["accepted"] for s in st) / drafted
-                row[m]["mean_accepted_len"] = sum(s["accepted"] for s in st) / max(1, spec_rounds)
-        base = row[modes[0]]["tokens_per_s"]
+            row[m] = _mode_cell([r["modes"][m] for r in rs], per_prompt)
         for m in modes[1:]:
-            row[m]["speedup"] = row[m]["tokens_per_s"] / base if base else 0.0
-        for m in modes[1:]:
+            if per_prompt:
+                row[m]["speedup"] = median(_ratios(rs, m, lambda r: _rate(r["modes"][modes[0]])))
+            else:
+                base = row[modes[0]]["tokens_per_s"]
+                row[m]["speedup"] = row[m]["tokens_per_s"] / base if base else 0.0
             same = [r["identical"][m] for r in rs if m in r.get("identical", {})]
             if same:
                 row[m]["identical_share"] = sum(same) / len(same)
+        if best_of:
+            for m in modes:
+                row[m]["vs_best"] = median(_ratios(rs, m, lambda r: max(_rate(r["modes"][b]) for b in best_of)))
         table[cat] = row
     return table
 
 
+def _table_order(table: dict) -> list:
+    """Categories alphabetically, then extra groups, then ALL."""
+    return sorted(table, key=lambda c: (c == "ALL", c))
+
+
 def print_table(table: dict, modes: list, out=sys.stdout) -> None:
-    head = f"{'category':<16}{'n':>4}" + "".join(f"{m + ' tok/s':>13}" for m in modes)
-    head += "".join(f"{m + ' x':>9}{'acc':>6}{'len':>6}{'same':>6}" for m in modes[1:])
+    """One row per category, modes side by side (the `edge-ssd bench` view)."""
+    width = {m: max(13, len(m) + 7) for m in modes}
+    head = f"{'category':<16}{'n':>4}" + "".join(f"{m + ' tok/s':>{width[m]}}" for m in modes)
+    head += "".join(f"{m + ' x':>{max(9, len(m) + 3)}}{'acc':>6}{'len':>6}{'same':>6}" for m in modes[1:])
     print(head, file=out)
-    for cat in sorted(table, key=lambda c: (c == "ALL", c)):
+    for cat in _table_order(table):
         row = table[cat]
-        line = f"{cat:<16}{row['prompts']:>4}" + "".join(f"{row[m]['tokens_per_s']:>13.2f}" for m in modes)
+        line = f"{cat:<16}{row['prompts']:>4}" + "".join(f"{row[m]['tokens_per_s']:>{width[m]}.2f}" for m in modes)
         for m in modes[1:]:
             r = row[m]
-            line += f"{r['speedup']:>9.2f}{r.get('acceptance_rate', 0):>6.2f}{r.get('mean_accepted_len', 0):>6.2f}"
+            line += f"{r['speedup']:>{max(9, len(m) + 3)}.2f}{r.get('acceptance_rate', 0):>6.2f}"
+            line += f"{r.get('mean_accepted_len', 0):>6.2f}"
             line += f"{r['identical_share']:>6.2f}" if "identical_share" in r else f"{'':>6}"
         print(line, file=out)
+
+
+def _cells(cell: dict, first: bool, best_label: Optional[str]) -> list:
+    """One mode's row in a category table; "–" where the mode has no such figure."""
+    def fmt(key: str, spec: str) -> str:
+        return format(cell[key], spec) if key in cell else "–"
+
+    cells = [fmt("tokens_per_s", ".1f"), "1.00" if first else fmt("speedup", ".2f")]
+    if best_label:
+        cells.append(fmt("vs_best", ".2f"))
+    cells += [fmt("acceptance_rate", ".2f"), fmt("mean_accepted_len", ".2f")]
+    cells.append(fmt_bytes(cell["peak_rss_bytes"]) if "peak_rss_bytes" in cell else "–")
+    return cells
+
+
+def print_category_tables(table: dict, modes: list, out=sys.stdout, markdown: bool = False,
+                          best_label: Optional[str] = None) -> None:
+    """One table per category (rows: modes), for comparisons with many modes that would not fit
+    side by side; as plain text or Markdown. best_label names the `vs_best` column."""
+    head = ["mode", "tok/s", f"x {modes[0]}"] + ([f"x {best_label}"] if best_label else [])
+    head += ["acc", "len", "peak RSS"]
+    width = max(len(m) for m in modes + ["mode"]) + 2
+    for cat in _table_order(table):
+        row = table[cat]
+        rows = [[m] + _cells(row[m], i == 0, best_label) for i, m in enumerate(modes)]
+        if markdown:
+            print(f"\n**{cat}** ({row['prompts']} prompts)\n", file=out)
+            print("| " + " | ".join(head) + " |\n|" + "---|" * len(head), file=out)
+            for r in rows:
+                print("| " + " | ".join(r) + " |", file=out)
+        else:
+            print(f"\n{cat} ({row['prompts']} prompts)", file=out)
+            for r in [head] + rows:
+                print(f"{r[0]:<{width}}" + "".join(f"{c:>{max(10, len(head[i + 1]) + 2)}}"
+                                                  for i, c in enumerate(r[1:])), file=out)
+
+
+def cpu_clock() -> tuple:
+    """(wall s, CPU-busy s of the whole machine, CPU s of this process and its waited-for children)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")   # all but idle, iowait
+    except (OSError, ValueError, IndexError):
+        busy = float("nan")
+    t = os.times()
+    return time.time(), busy, t.user + t.system + t.children_user + t.children_system
+
+
+def others_cpu_share(start: tuple, end: tuple) -> float:
+    """Share of the machine's CPU time that other processes took during the run: the noise flag
+    (a benchmark beside compiles or tests measures the contention, not the engines)."""
+    wall = (end[0] - start[0]) * (os.cpu_count() or 1)
+    return max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / wall) if wall > 0 else 0.0
 
 
 MODE_OPTIONS = ("k", "drafter", "k_min", "k_max", "fanout")

@@ -78,12 +78,7 @@ def test_parallel_bench_hits_and_cost_model(fp32_bundle, tmp_path):
 
 
 def test_parallel_predict_matches_hand_computation():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("pb", Path(__file__).parent.parent / "tools" / "parallel_bench.py")
-    pb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pb)
+    pb = _tool("parallel_bench")
     d, v = 0.010, 0.030
     # rounds K = 3, 3: spec = 2 x (30 + 30) = 120 ms. The lookup before round 2: the hit branch
     # (rank 0) was ready after 4 forwards = 40 ms, 10 ms after verification ended.
@@ -93,3 +88,143 @@ def test_parallel_predict_matches_hand_computation():
     # a hit ranked beyond the fan-out, or whose branch had not started when verification ended
     assert pb.predict([(3, 2, 9, 3, 1, 3)], [3, 3], 2, d, v) == pytest.approx(120 / 125)
     assert pb.predict([(3, 2, 9, 3, 1, 3)], [3, 3], 4, d, v) == pytest.approx(120 / 125)
+
+
+# --- tools/peer_bench.py: llama.cpp beside edge-ssd, with a fake llama.cpp -------------------
+
+PLAIN_LOG = """\
+main: prompt eval
+common_perf_print:        load time =     412.10 ms
+common_perf_print: prompt eval time =     301.20 ms /    31 tokens (    9.72 ms per token,   102.92 tokens per second)
+common_perf_print:        eval time =    {ms} ms /   {runs} runs   (   26.00 ms per token,    38.46 tokens per second)
+common_perf_print:       total time =    3500.00 ms /   158 tokens
+"""
+SPEC_LOG = """\
+encoded   31 tokens in    0.300 seconds, speed:  103.333 t/s
+decoded  {n} tokens in    {s} seconds, speed:   40.000 t/s
+
+n_draft   = 4
+n_predict = {n}
+n_drafted = {drafted}
+n_accept  = {accepted}
+accept    = 75.000%
+
+target:
+
+common_perf_print: prompt eval time =     301.20 ms /    30 tokens (    9.72 ms per token,   102.92 tokens per second)
+common_perf_print:        eval time =       0.00 ms /     1 runs   (    0.00 ms per token,      inf tokens per second)
+"""
+
+
+def _tool(name):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent.parent / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod          # a dataclass looks its module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_peer_bench_parses_llama_cpp_logs():
+    pb = _tool("peer_bench")
+    plain = pb.parse_peer_output("plain", PLAIN_LOG.format(ms="3302.00", runs=127))
+    assert plain["decode_tokens"] == 127 and plain["new_tokens"] == 128 and plain["prompt_tokens"] == 31
+    assert plain["tokens_per_s"] == pytest.approx(127 / 3.302) and plain["drafted"] == 0
+    spec = pb.parse_peer_output("draft-simple", SPEC_LOG.format(n=130, s="2.600", drafted=120, accepted=90))
+    assert spec["tokens_per_s"] == pytest.approx(50.0) and spec["prompt_tokens"] == 31
+    assert (spec["drafted"], spec["accepted"], spec["spec_rounds"]) == (120, 90, 40)   # rounds = 130 - 90
+    with pytest.raises(pb.PeerError, match="decoded N tokens"):
+        pb.parse_peer_output("ngram-mod", "llama.cpp crashed\n")
+
+
+def test_peer_bench_prompt_file_survives_llama_cpp_newline_strip():
+    pb = _tool("peer_bench")
+    text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    written = pb.prompt_file_text(text)
+    read = written[:-1] if written.endswith("\n") else written    # what llama.cpp's -f keeps
+    assert read == text and pb.prompt_file_text("abc") == "abc"
+
+
+def test_peer_bench_flags_match_the_shared_script():
+    """The tool runs llama.cpp's binaries itself (for acceptance and per-process RSS); its flags
+    must stay those of ../shared/tools/llama-cpp-peer.sh run."""
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent.parent / "shared" / "tools" / "llama-cpp-peer.sh"
+    if not script.exists():
+        pytest.skip("no shared/ checkout beside this one")
+    pb = _tool("peer_bench")
+    text = " ".join(script.read_text().split())
+    for flag in ("--temp 0", "-t 2", "-no-cnv", "--no-display-prompt", "-c 4096", "--spec-type draft-simple",
+                 "-td 2", "--spec-draft-n-max 4", "--spec-type ngram-mod"):
+        assert flag in text
+    cmd = " ".join(pb.peer_command(Path("/b"), "draft-simple", Path("T"), Path("D"), Path("P"), 128, 2))
+    assert cmd == ("/b/llama-speculative-simple -m T -f P -n 128 --temp 0 -t 2 -c 4096 --spec-type draft-simple "
+                   "-md D -td 2 --spec-draft-n-max 4")
+
+
+def _fake_llama(folder, plain_ms, spec_s):
+    """Executables that print canned llama.cpp logs (the rate is fixed per binary)."""
+    folder.mkdir()
+    for name, log in (("llama-completion", PLAIN_LOG.format(ms=plain_ms, runs=127)),
+                      ("llama-speculative-simple", SPEC_LOG.format(n=128, s=spec_s, drafted=100, accepted=80))):
+        exe = folder / name
+        exe.write_text("#!/bin/sh\ncat >&2 <<'LOG'\n" + log + "LOG\n")
+        exe.chmod(0o755)
+    return folder
+
+
+def test_peer_bench_end_to_end_with_a_fake_llama_cpp(fp32_bundle, tmp_path):
+    pb = _tool("peer_bench")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in [
+        {"question_id": 1, "category": "coding", "turns": ["def add(a, b):"]},
+        {"question_id": 2, "category": "coding", "turns": ["import numpy"]},
+        {"question_id": 3, "category": "qa", "turns": ["hello world"]},
+        {"question_id": 4, "category": "qa", "turns": ["more"]}]) + "\n")
+    out = tmp_path / "res" / "peer.json"
+    rc = pb.main(["--bundle", str(fp32_bundle.path), "--target-gguf", "T.gguf", "--draft-gguf", "D.gguf",
+                  "--prompts", str(prompts), "--limit", "1", "--max-new-tokens", "12", "--threads", "1",
+                  "--modes", "spec", "--llama-bin", str(_fake_llama(tmp_path / "bin", "2540.00", "3.200")),
+                  "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["modes"] == ["ar", "spec", "llama.cpp/plain", "llama.cpp/draft-simple", "llama.cpp/ngram-mod"]
+    table = res["summary"]
+    assert set(table) == {"coding", "qa", "code", "ALL"} and table["ALL"]["prompts"] == 2
+    assert table["code"]["prompts"] == 1                                  # the code group: coding
+    plain, spec = table["ALL"]["llama.cpp/plain"], table["ALL"]["llama.cpp/ngram-mod"]
+    assert plain["tokens_per_s"] == pytest.approx(50.0) and spec["tokens_per_s"] == pytest.approx(40.0)
+    assert plain["vs_best"] == pytest.approx(1.0) and spec["vs_best"] == pytest.approx(0.8)
+    assert spec["acceptance_rate"] == pytest.approx(0.8) and spec["mean_accepted_len"] == pytest.approx(80 / 48)
+    ar = table["ALL"]["ar"]
+    assert ar["vs_best"] == pytest.approx(ar["tokens_per_s"] / 50.0, rel=0.3) and ar["peak_rss_bytes"] > 0
+    assert all(r["identical"]["spec"] for r in res["results"])          # fp32: spec = ar
+    md = out.with_suffix(".md").read_text()
+    assert "**coding** (1 prompts)" in md and "| llama.cpp/plain | 50.0 | " in md and "x best llama.cpp" in md
+
+
+def test_step_costs_rows_spec():
+    sc = _tool("step_costs")
+    assert sc.parse_rows("1-9") == tuple(range(1, 10)) and sc.parse_rows("1,2,5") == (1, 2, 5)
+
+
+def test_op_profile_groups_a_trace():
+    """Kernel events of two runs -> per-step ms per op group, the gap between kernels, GB/s."""
+    op = _tool("op_profile")
+
+    def ev(node, op_name, us):
+        return {"cat": "Node", "name": f"{node}_kernel_time", "dur": us, "args": {"op_name": op_name}}
+
+    run = [ev("L0.qkv_proj", "MatMulNBits", 1000), ev("L0.attn", "GroupQueryAttention", 500),
+           ev("lm_head", "MatMulNBits", 3000), ev("L0.input_norm", "SkipSimplifiedLayerNormalization", 100),
+           ev("QuickGelu_11", "QuickGelu", 50)]
+    res = op.summarize_profile([run, run], [5.0, 5.0], {"lm_head": 60_000_000, "L0.qkv_proj": 2_000_000})
+    g = res["groups"]
+    assert list(g)[0] == "LM head (MatMulNBits)" and g["LM head (MatMulNBits)"]["ms"] == pytest.approx(3.0)
+    assert g["LM head (MatMulNBits)"]["gb_per_s"] == pytest.approx(20.0)            # 60 MB in 3 ms
+    assert g["layers: q/k/v (MatMulNBits)"]["ms"] == pytest.approx(1.0)
+    assert g["between kernels (ORT)"]["ms"] == pytest.approx(5.0 - 4.65)
+    assert g["rest (elementwise, split, slice)"]["nodes"] == 1

@@ -4,41 +4,45 @@
     engine = Engine.load("models/qwen2.5-coder-0.5b-1.5b")
     result = engine.generate("Write a function that reverses a string.", max_new_tokens=64)
     print(result.text, result.stats["tokens_per_s"])
-    for piece in engine.stream(messages=[{"role": "user", "content": "Hi"}]):
-        print(piece, end="", flush=True)
+    with engine.stream(messages=[{"role": "user", "content": "Hi"}]) as stream:
+        for piece in stream:
+            print(piece, end="", flush=True)
 
 An Engine runs one request at a time (a lock serializes callers): both models' KV caches
-are per-engine state.
+are per-engine state. A stream holds the engine from its first piece until it ends or is
+closed; leaving the `with` block, breaking out of a loop over a temporary stream, or starting
+another request on the same thread releases it.
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional
 
 from .bundle import STAMP_CACHE, Bundle, load_bundle
 from .costs import StepCosts, cached_calibration
-from .decode import K_LIMIT, DecodeConfig, decode
-from .drafters import AutoDrafter, Drafter, ModelDrafter, NgramDrafter
+from .decode import DecodeConfig, decode
+from .drafters import AutoDrafter, Drafter, ModelDrafter
+from .enums import FinishReason
 from .errors import BundleError, RequestError
-from .governor import Governor, Reading, read_memory
+from .governor import Governor
+from .lookup import TokenStore, lookup_drafters
+from .memory import Reading, read_memory
 from .model import OnnxLM
-from .parallel import DEFAULT_FANOUT, ParallelDrafter
+from .parallel import ParallelDrafter
 from .providers import resolve
-from .sampling import SamplingParams
+from .request import DEFAULT_FANOUT, K_LIMIT, Request
 from .stats import Stats
-from .text import TextStream, Tokenizer, build_prompt
+from .text import Piece, TextStream, Tokenizer, build_prompt
 
 log = logging.getLogger("edge_ssd")
 
-MODES = ("ar", "spec", "parallel")
 DEFAULT_CONTEXT = 4096
-DRAFTERS = ("model", "ngram", "auto")
-FANOUT_LIMIT = 16
 PARALLEL_MIN_VERIFY_STEPS = 2.0   # parallel pays when verify(4 rows) >= this many draft steps
 
 
@@ -58,15 +62,36 @@ class Result:
         return out
 
 
-@dataclass
 class Stream:
-    """Iterate for text pieces; `result` is set once the iteration ends."""
+    """Iterate for text pieces; `result` is set once the iteration ends.
 
-    _pieces: Iterator[str]
-    result: Optional[Result] = None
+    `close()` (or leaving a `with` block) stops the request after the current round (or
+    prefill chunk) and releases the engine. While a long prompt is read the stream yields
+    empty pieces between its chunks, so a consumer can stop it there. The generator never refers back to its Stream, so a stream nobody
+    holds any more is closed as soon as it is dropped.
+    """
 
-    def __iter__(self) -> Iterator[str]:
-        return self._pieces
+    def __init__(self, pieces: Iterator[str], out: dict):
+        self._pieces, self._out = pieces, out
+
+    @property
+    def result(self) -> Optional["Result"]:
+        return self._out.get("result")
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @dataclass
@@ -109,18 +134,24 @@ class Engine:
             self.draft = OnnxLM(bundle.draft, draft_provider, draft_threads, allocate=False)
             weights["draft"] = max(reader().rss - rss1, bundle.draft.weight_bytes // 2)
             kv["draft"] = bundle.draft.kv_bytes_per_token
+        self._draft_placement = (draft_provider, draft_threads)
+        self._draft_weights = weights.get("draft", 0)
+        self._draft_dropped = False
         self.plan = self.governor.plan(weights, kv, bundle.target.vocab_size,
                                        options.max_context or DEFAULT_CONTEXT, K_LIMIT, bundle.target.max_context,
-                                       bundle.target.quant.get("weights", ""), DEFAULT_FANOUT if use_draft else 0)
+                                       bundle.target.quant.get("weights", ""), DEFAULT_FANOUT if use_draft else 0,
+                                       extra=TokenStore.max_bytes())
         if not self.plan.use_draft:
-            self._drop_draft()
+            self.draft = None  # it does not fit the budget at all: not taken back later
         self.target.allocate(self.plan.max_context)
         if self.draft is not None:
             self.draft.allocate(self.plan.max_context)
         self.tokenizer = Tokenizer(bundle.tokenizer_file, bundle.tokenizer)
         self._lock = threading.Lock()
+        self._holder: Optional[tuple] = None  # (thread id, weak ref to the Stream) holding the engine
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-ssd-draft")
         self.learned: dict = {}  # acceptance estimates carried from request to request
+        self.suffix_cache = TokenStore()  # earlier requests' outputs, a draft source for later ones
         key = {"bundle": bundle.manifest["models"]["target"]["files"][-1]["sha256"],
                "draft": (bundle.manifest["models"].get("draft") or {}).get("files", [{}])[-1].get("sha256"),
                "provider": self.provider, "threads": [threads, draft_threads, cores],
@@ -139,12 +170,11 @@ class Engine:
     def parallel_pays(self) -> bool:
         """Placement check for `parallel`; when False, `--mode parallel` runs as `spec`.
 
-        Drafting beside verification only helps when the two do not compete: not when both
-        models are on the CPU with fewer cores than their threads together (measured on 2
-        cores: 0.74x of `ar` against 1.2x for `spec`), and not when a verify costs less than
-        about two draft steps (the trace-driven cost model in tools/parallel_bench.py: with
-        the draft's next round rarely ready in time, the extra catch-up forward and the wait
-        for the worker's step on a miss make `parallel` 0.85-0.93x of `spec` at v <= d)."""
+        Drafting beside verification only helps when the two do not compete for the same
+        cores (both on the CPU with fewer cores than their threads together), and when a verify
+        costs at least PARALLEL_MIN_VERIFY_STEPS draft steps, so that the next round's draft
+        is often ready in time (measurements and the cost model: docs/benchmarks.md,
+        "Parallel speculation")."""
         both_cpu = self.target.device == "cpu" and self.draft is not None and self.draft.device == "cpu"
         if both_cpu and (os.cpu_count() or 1) < sum(self.threads().values()):
             return False
@@ -158,8 +188,24 @@ class Engine:
         return out
 
     def _drop_draft(self) -> None:
-        """Free the draft model (weights and cache): plain target decoding from now on."""
+        """Free the draft model (weights and cache): plain target decoding until it fits again."""
         self.draft = None
+        self._draft_dropped = self.bundle.draft is not None and self.options.load_draft
+
+    def _retake_draft(self) -> None:
+        """Load the draft again, between requests, once memory pressure has passed: its weights
+        and cache fit the budget and what is available, with the governor's margin."""
+        if not self._draft_dropped or self._lock.locked():
+            return
+        entry, g = self.bundle.draft, self.governor
+        need = self._draft_weights + entry.kv_bytes_per_token * self.plan.max_context + g.margin
+        r = g.reader()
+        if r.rss + need > g.budget or r.available < need + g.margin:
+            return
+        draft = OnnxLM(entry, self._draft_placement[0], self._draft_placement[1], allocate=False)
+        draft.allocate(self.plan.max_context)
+        self.draft, self._draft_dropped, g.k_cap, g.fanout_cap = draft, False, None, None
+        log.info("memory allows the draft model again: speculative decoding resumes")
 
     def providers(self) -> dict:
         """What really runs each model (onnxruntime's own answer)."""
@@ -168,87 +214,108 @@ class Engine:
             out["draft"] = self.draft.providers_used
         return out
 
-    def _drafter(self, mode: str, drafter: str, fanout: int = DEFAULT_FANOUT) -> Optional[Drafter]:
-        if mode not in MODES:
-            raise RequestError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if drafter not in DRAFTERS:
-            raise RequestError(f"drafter must be one of {', '.join(DRAFTERS)}, got {drafter!r}")
-        if mode == "ar":
+    def _drafter(self, req: Request) -> Optional[Drafter]:
+        if req.mode == "ar":
             return None
-        model = ModelDrafter(self.draft, self.target.entry.vocab_size) if self.draft else None
-        if mode == "parallel":
+        model: Optional[Drafter] = ModelDrafter(self.draft, self.target.entry.vocab_size) if self.draft else None
+        if req.mode == "parallel":
             if model is None:
-                raise RequestError("mode parallel needs a draft model, and this bundle (or engine) has none")
-            if not isinstance(fanout, int) or isinstance(fanout, bool) or not 0 <= fanout <= FANOUT_LIMIT:
-                raise RequestError(f"fanout must be an integer in [0, {FANOUT_LIMIT}], got {fanout!r}")
+                raise RequestError("mode parallel needs a draft model, and this bundle (or engine) has none",
+                                   param="mode")
             if self.parallel_pays():
-                model = ParallelDrafter(model, self._pool, fanout)
-        if drafter == "model":
+                model = ParallelDrafter(model, self._pool, req.fanout)
+        if req.drafter == "model":
             if model is None:
-                raise RequestError("drafter 'model' needs a draft model, and this bundle (or engine) has none")
+                raise RequestError("drafter 'model' needs a draft model, and this bundle (or engine) has none",
+                                   param="drafter")
             return model
-        if drafter == "ngram":
-            return AutoDrafter(None, NgramDrafter(), self.learned)
-        return AutoDrafter(model, NgramDrafter(), self.learned)
+        prediction = self.tokenizer.encode(req.prediction, bos=False) if req.prediction else None
+        return AutoDrafter(model if req.drafter == "auto" else None, lookup_drafters(prediction, self.suffix_cache),
+                           self.learned)
 
-    def _prepare(self, prompt, messages, raw, mode, drafter, k, k_min, k_max, max_new_tokens, temperature,
-                 top_p, top_k, seed, fanout):
-        sp = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        if k == "auto":
-            k = None
-        cfg = DecodeConfig(max_new_tokens=max_new_tokens, k=k, k_min=k_min, k_max=k_max, sampling=sp,
-                           eos_ids=self.tokenizer.eos_ids)
-        d = self._drafter(mode, drafter, fanout)
-        ids = build_prompt(self.tokenizer, prompt, messages, raw)
+    def _prepare(self, req: Request) -> tuple:
+        """Token ids, the loop's config and the drafter: every check that can fail before decoding."""
+        self._retake_draft()
+        cfg = DecodeConfig(max_new_tokens=req.max_new_tokens, k=req.fixed_k, k_min=req.k_min, k_max=req.k_max,
+                           sampling=req.sampling, eos_ids=self.tokenizer.eos_ids)
+        drafter = self._drafter(req)
+        ids = build_prompt(self.tokenizer, req.prompt, req.messages, req.raw)
         if len(ids) + 1 > self.max_context:
-            raise RequestError(f"the prompt has {len(ids)} tokens; the context limit is {self.max_context}")
-        return ids, cfg, d
+            raise RequestError(f"the prompt has {len(ids)} tokens; the context limit is {self.max_context}",
+                               param="messages" if req.messages is not None else "prompt",
+                               code="context_length_exceeded")
+        return ids, cfg, drafter
 
-    def stream(self, prompt: Optional[str] = None, *, messages: Optional[list] = None, raw: bool = False,
-               mode: str = "spec", drafter: str = "auto", k: "int | str | None" = "auto", k_min: int = 0,
-               k_max: int = 8, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: Optional[int] = None, stop: Sequence[str] = (),
-               fanout: int = DEFAULT_FANOUT) -> Stream:
+    def _hold(self, stream: "weakref.ref") -> None:
+        """Take the engine for a stream. A stream this thread left open (it cannot be waited
+        for: this thread would wait on itself) is closed first; another thread's is waited for."""
+        me = threading.get_ident()
+        holder = self._holder
+        if holder is not None and holder[0] == me:
+            left_open = holder[1]()
+            if left_open is not None:
+                log.info("a new request on this thread closes the stream it left open")
+                left_open.close()
+        self._lock.acquire()
+        self._holder = (me, stream)
+
+    def _let_go(self) -> None:
+        self._holder = None
+        self._lock.release()
+
+    def stream(self, prompt: Optional[str] = None, *, request: Optional[Request] = None, **fields) -> Stream:
         """Start a request; iterate the returned Stream for text. Parameters are checked here.
 
-        mode: "spec" (speculative), "parallel" (speculative, drafting the next round while the
-        target verifies) or "ar" (target alone). drafter: "model", "ngram" (prompt
-        lookup) or "auto" (per round, whichever is expected to pay). k: tokens drafted per
-        round, or "auto" to choose per round from measured costs within [k_min, k_max].
-        fanout (parallel mode): verification outcomes pre-drafted per round; 1 is PEARL's
-        "assume all accepted", 0 turns pre-drafting off.
+        Give a `Request`, or its fields as keywords (prompt, messages, raw, mode, drafter, k,
+        k_min, k_max, fanout, max_new_tokens, temperature, top_p, top_k, seed, stop; see
+        edge_ssd.request.Request), or both: keywords override the request's fields.
         """
-        ids, cfg, drafter = self._prepare(prompt, messages, raw, mode, drafter, k, k_min, k_max,
-                                          max_new_tokens, temperature, top_p, top_k, seed, fanout)
-        text = TextStream(self.tokenizer, stop)
-        stream = Stream(iter(()))
+        if prompt is not None:
+            fields["prompt"] = prompt
+        req = (request or Request()).with_fields(fields) if fields else (request or Request())
+        ids, cfg, drafter = self._prepare(req)
+        text = TextStream(self.tokenizer, req.stop)
         handoff = [drafter]  # the decode loop takes the only reference: dropping the draft frees it
         del drafter
+        out: dict = {}
+        me: list = []        # a weak reference to the Stream, set below: no cycle through the generator
+
+        stats = Stats(mode=req.mode)
+
+        def labelled(piece: str, start: int) -> str:
+            """With show_sources, the piece with the source of each of its tokens' text."""
+            return Piece(piece, text.spans(start, text.sent, stats.token_sources)) if req.show_sources else piece
 
         def pieces() -> Iterator[str]:
-            stats = Stats(mode=mode)
-            out: list = []
-            with self._lock:
+            tokens: list = []
+            self._hold(me[0])
+            try:
                 gen = decode(self.target, handoff.pop(), ids, cfg, stats, self.costs, self.governor,
                              self._drop_draft, self.learned)
                 try:
                     for new in gen:
-                        out += new
-                        piece = text.push(new)
-                        if piece:
-                            yield piece
+                        tokens += new
+                        start = text.sent
+                        piece = text.push(new) if new else ""
+                        if piece or not new:  # an empty piece: the prompt is still being read
+                            yield labelled(piece, start)
                         if text.stopped:
-                            stats.finish_reason = "stop"
+                            stats.finish_reason = FinishReason.STOP
                             break
                 finally:
                     gen.close()
+                self.suffix_cache.add(tokens)  # under the lock: drafters of other requests read it
+            finally:
+                self._let_go()
+            start = text.sent
             tail = text.finish()
             if tail:
-                yield tail
-            stream.result = Result(text.full_text, out, {**stats.to_json(), "memory": self.plan.to_json()},
+                yield labelled(tail, start)
+            out["result"] = Result(text.full_text, tokens, {**stats.to_json(), "memory": self.plan.to_json()},
                                    stats.finish_reason, stats.error)
 
-        stream._pieces = pieces()
+        stream = Stream(pieces(), out)
+        me.append(weakref.ref(stream))
         return stream
 
     def generate(self, prompt: Optional[str] = None, **kwargs) -> Result:
@@ -257,9 +324,9 @@ class Engine:
         token_ids are all tokens generated (EOS excluded); when a stop string ended the
         request, the text is cut before it while token_ids run to the round that produced it.
         """
-        s = self.stream(prompt, **kwargs)
-        for _ in s:
-            pass
+        with self.stream(prompt, **kwargs) as s:
+            for _ in s:
+                pass
         assert s.result is not None
         return s.result
 
@@ -267,13 +334,11 @@ class Engine:
 def placement(cores: int, provider: str, draft_provider: str, options: EngineOptions) -> tuple:
     """Threads for (target, draft); explicit options win.
 
-    Sequential speculation runs one model at a time, so each gets every core. A draft on the
+    Sequential speculation runs one model at a time, so each gets every core; a draft on the
     CPU beside a GPU target has the CPU to itself. With both models on the CPU, `parallel`
-    keeps this placement too, and so runs as `spec` (Engine.parallel_pays): decoding is
-    memory-bound and both models share one memory bus, so even with a core each, drafting
-    beside verification measured 0.95x of `spec` at the same split and 0.63x of `spec` with
-    every core (docs/benchmarks.md). Split the cores explicitly (--threads T --draft-threads D,
-    T + D <= cores) to run them at once, and measure with tools/parallel_bench.py timing.
+    keeps this placement and so runs as `spec` (Engine.parallel_pays): decoding is bound by
+    the one memory bus both models share (docs/benchmarks.md). Split the cores explicitly
+    (--threads T --draft-threads D, T + D <= cores) to run them at once.
     """
     same_device = draft_provider == provider
     return options.threads or cores, options.draft_threads or (same_device and options.threads) or cores

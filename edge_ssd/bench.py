@@ -14,27 +14,33 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .cli_args import engine_from_args
 from .errors import EdgeSSDError
-from .progress import Bar, fmt_bytes, peak_rss_bytes
+from .memory import fmt_bytes, peak_rss_bytes
+from .outputs import check_output, replace_when_done
+from .progress import Bar
+from .request import DEFAULTS
 
 
 def read_prompts(path: Path, limit: Optional[int] = None, categories: Optional[set] = None) -> list:
     """Plain JSONL with `prompt` (and optional `category`), or Spec-Bench (first of `turns`)."""
     rows, per_cat = [], defaultdict(int)
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_bytes().splitlines()
     except OSError as e:
         raise EdgeSSDError(f"cannot read prompts from {path}: {e}") from e
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise EdgeSSDError(f"{path}:{n}: not JSON: {e}") from e
-        prompt = obj.get("prompt") or (obj.get("turns") or [None])[0]
+            obj = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise EdgeSSDError(f"{path}:{n}: not a JSON line: {e}") from None
+        turns = obj.get("turns") if isinstance(obj, dict) else None
+        prompt = obj.get("prompt") if isinstance(obj, dict) else None
+        prompt = prompt or (turns[0] if isinstance(turns, list) and turns else None)
         if not isinstance(prompt, str):
-            raise EdgeSSDError(f"{path}:{n}: no `prompt` or `turns`")
+            raise EdgeSSDError(f"{path}:{n}: an object with a string `prompt` (or `turns`) is needed")
         cat = obj.get("category", "all")
         if categories and cat not in categories:
             continue
@@ -206,15 +212,25 @@ def others_cpu_share(start: tuple, end: tuple) -> float:
     return max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / wall) if wall > 0 else 0.0
 
 
+MODE_OPTIONS = ("k", "drafter", "k_min", "k_max", "fanout")
+
+
 def parse_mode(spec: str) -> dict:
-    """'spec/k=4/drafter=ngram' -> generate() keyword arguments."""
+    """'spec/k=4/drafter=ngram' -> generate() keyword arguments, checked as a Request's."""
     name, *opts = spec.split("/")
     kw: dict = {"mode": name}
     for o in opts:
         key, sep, val = o.partition("=")
-        if not sep or key not in ("k", "drafter", "k_min", "k_max", "fanout"):
-            raise EdgeSSDError(f"bad mode option {o!r} in {spec!r} (use k=, drafter=, k_min=, k_max=, fanout=)")
-        kw[key] = val if key == "drafter" or val == "auto" else int(val)
+        if not sep or key not in MODE_OPTIONS:
+            raise EdgeSSDError(f"bad mode option {o!r} in {spec!r} (use {', '.join(k + '=' for k in MODE_OPTIONS)})")
+        try:
+            kw[key] = val if key == "drafter" or val == "auto" else int(val)
+        except ValueError:
+            raise EdgeSSDError(f"bad mode option {o!r} in {spec!r}: {key} takes an integer") from None
+    try:
+        DEFAULTS.with_fields(kw)
+    except EdgeSSDError as e:
+        raise EdgeSSDError(f"bad mode {spec!r}: {e}") from None
     return kw
 
 
@@ -233,13 +249,25 @@ def _top2_margin(engine, prompt: str, prefix: list) -> float:
     return float(top[1] - top[0])
 
 
-def run_bench(args, engine) -> int:
+def run_bench(args) -> int:
+    """Everything that can be wrong with the flags is found before the bundle loads."""
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes:
+        raise EdgeSSDError("--modes names no mode")
     mode_kw = {m: parse_mode(m) for m in modes}
+    if args.json:
+        check_output(args.json, [args.prompts], "--json")
+    if args.chart:
+        from .charts import chart_paths, require_matplotlib
+
+        require_matplotlib()
+        for path in chart_paths(args.chart):
+            check_output(path, [args.prompts], "--chart")
     cats = set(args.categories.split(",")) if args.categories else None
     prompts = read_prompts(args.prompts, args.limit, cats)
     if not prompts:
         raise EdgeSSDError("no prompts to run")
+    engine = engine_from_args(args)
     results = []
     bar = Bar("bench", len(prompts) * len(modes), "runs")
     for p in prompts:
@@ -264,10 +292,16 @@ def run_bench(args, engine) -> int:
     table = summarize(results, modes)
     print_table(table, modes)
     print(f"peak RSS {fmt_bytes(peak_rss_bytes())}; providers {engine.providers()}")
+    out = {"bundle": str(engine.bundle.path), "modes": modes, "costs": engine.costs.to_json(),
+           "max_new_tokens": args.max_new_tokens, "exact": engine.options.exact,
+           "threads": engine.options.threads, "summary": table, "results": results,
+           "peak_rss_bytes": peak_rss_bytes()}
     if args.json:
-        args.json.write_text(json.dumps({
-            "bundle": str(engine.bundle.path), "modes": modes, "costs": engine.costs.to_json(),
-            "max_new_tokens": args.max_new_tokens, "exact": engine.options.exact,
-            "threads": engine.options.threads, "summary": table, "results": results,
-            "peak_rss_bytes": peak_rss_bytes()}, indent=1))
+        with replace_when_done(args.json) as f:
+            f.write(json.dumps(out, indent=1))
+    if args.chart:
+        from .charts import render
+
+        for path in render(out, args.chart):
+            print(f"chart {path}")
     return 0

@@ -1,4 +1,4 @@
-"""`edge-ssd` command line: generate, bench, info (device side) and export (workstation side)."""
+"""`edge-ssd` command line: generate, bench, info, serve (device side) and export (workstation side)."""
 from __future__ import annotations
 
 import argparse
@@ -6,140 +6,124 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import IO, Optional
 
-from .errors import EdgeSSDError
+from .cli_args import (PROVIDER_CHOICES, OneLineParser, add_engine_args, add_request_args, engine_from_args,
+                       positive_int, request_from_args)
+from .enums import DraftSource
+from .errors import EdgeSSDError, RequestError
+from .outputs import check_output, replace_when_done
+from .request import DEFAULTS, Request
+from .server.cli import add_serve_parser
 
-
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bundle", required=True, help="pair bundle folder (see `edge-ssd export`)")
-    p.add_argument("--provider", default="auto", choices=["cpu", "cuda", "dml", "auto"])
-    p.add_argument("--strict-provider", action="store_true", help="fail instead of falling back to cpu")
-    p.add_argument("--threads", type=int, default=None, help="target threads (default: all cores)")
-    p.add_argument("--draft-threads", type=int, default=None, help="draft threads (default: as target)")
-    p.add_argument("--draft-provider", default=None, choices=["cpu", "cuda", "dml", "auto"],
-                   help="run the draft elsewhere, e.g. cpu while the target runs on cuda (default: as target)")
-    p.add_argument("--max-context", type=int, default=None, help="KV cache length (default: the bundle's)")
-    p.add_argument("--exact", action="store_true",
-                   help="plain steps compute like verification, so greedy spec == ar token for token")
-    p.add_argument("--verify", default="auto", choices=["auto", "full", "size"],
-                   help="bundle checksum policy (auto: hash files once per version)")
-    p.add_argument("--memory-budget", default=None,
-                   help="memory this process may use, e.g. 1.5GiB, 800MB, 60%% (default: 80%% of available)")
-
-
-def k_arg(text: str):
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"K must be an integer or 'auto', not {text!r}") from None
-
-
-def _gen_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", default="spec", choices=["ar", "spec", "parallel"],
-                   help="ar: target alone; spec: speculative; parallel: draft while the target verifies")
-    p.add_argument("--drafter", default="auto", choices=["model", "ngram", "auto"],
-                   help="draft model, prompt lookup, or per round whichever pays (default)")
-    p.add_argument("--k", type=k_arg, default="auto", help="draft tokens per round, or auto (default)")
-    p.add_argument("--k-min", type=int, default=0, help="auto K lower bound (0 allows plain steps)")
-    p.add_argument("--k-max", type=int, default=8, help="auto K upper bound")
-    p.add_argument("--fanout", type=int, default=4,
-                   help="parallel mode: verification outcomes pre-drafted per round (0: none, 1: PEARL's "
-                        "all-accepted guess)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+log = logging.getLogger("edge_ssd")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="edge-ssd", description="Lossless speculative decoding on ONNX Runtime.")
+    ap = OneLineParser(prog="edge-ssd", description="Lossless speculative decoding on ONNX Runtime.")
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("export", help="workstation: export a draft/target pair to a bundle (edge-ssd export -h)",
                    add_help=False)
     g = sub.add_parser("generate", help="generate text")
-    _engine_args(g)
-    _gen_args(g)
+    add_engine_args(g)
+    add_request_args(g)
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt")
     src.add_argument("--messages", type=Path, help="JSON file: a list of {role, content}")
     src.add_argument("--input", type=Path, help="JSONL batch: one request object a line")
     g.add_argument("--output", type=Path, help="JSONL results for --input (default: stdout)")
     g.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
+    g.add_argument("--prediction", type=Path, default=None,
+                   help="a file with the output you expect (e.g. the code before an edit): drafting follows "
+                        "it where the output matches; the output is the target's own")
+    g.add_argument("--show-drafts", action="store_true",
+                   help="colour the text by where each token came from: the draft model, an n-gram, the target")
     i = sub.add_parser("info", help="providers, memory, and a bundle summary (with --bundle: loads it)")
     i.add_argument("--bundle", default=None)
-    i.add_argument("--provider", default="auto", choices=["cpu", "cuda", "dml", "auto"])
+    i.add_argument("--provider", default="auto", choices=PROVIDER_CHOICES)
     i.add_argument("--memory-budget", default=None)
-    i.add_argument("--max-context", type=int, default=None)
+    i.add_argument("--max-context", type=positive_int, default=None)
     b = sub.add_parser("bench", help="side-by-side benchmark of decoding modes")
-    _engine_args(b)
+    add_engine_args(b)
     b.add_argument("--prompts", type=Path, required=True, help="JSONL with `prompt`, or Spec-Bench `turns`")
     b.add_argument("--limit", type=int, default=None, help="prompts per category")
     b.add_argument("--categories", default=None, help="comma-separated categories to run")
     b.add_argument("--modes", default="ar,spec",
                    help="comma-separated; each MODE[/key=value...], e.g. ar,spec,spec/k=4,spec/drafter=ngram")
-    b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens)
     b.add_argument("--json", type=Path, default=None, help="write all results here")
-    from .server import add_serve_parser  # imports no starlette/uvicorn: serve() loads them
-
+    b.add_argument("--chart", type=Path, default=None,
+                   help="also draw OUT.png (tokens/s, speed-up, acceptance per category) and OUT-drafts.png "
+                        "(acceptance by draft position, K per round); needs the charts extra")
     add_serve_parser(sub)
     return ap
 
 
-def _engine(args):
-    from .api import Engine
-
-    return Engine.load(args.bundle, provider=args.provider, strict_provider=args.strict_provider,
-                       threads=args.threads, draft_threads=args.draft_threads, max_context=args.max_context,
-                       draft_provider=args.draft_provider,
-                       exact=args.exact, verify=args.verify, memory_budget=args.memory_budget)
+def _read_text(path: Path, flag: str) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except (OSError, ValueError) as e:
+        raise EdgeSSDError(f"cannot read {flag} {path}: {e}") from e
 
 
-def _gen_kwargs(args, overrides: Optional[dict] = None) -> dict:
-    kw = dict(mode=args.mode, drafter=args.drafter, k=args.k, k_min=args.k_min, k_max=args.k_max,
-              max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-              top_k=args.top_k, seed=args.seed, stop=args.stop, raw=args.raw, fanout=args.fanout)
-    for key, val in (overrides or {}).items():
-        if key in ("prompt", "messages", "id"):
-            continue
-        if key not in kw:
-            raise EdgeSSDError(f"unknown request field {key!r}")
-        kw[key] = val
-    return kw
+def _read_messages(path: Path) -> list:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise EdgeSSDError(f"cannot read messages from {path}: {e}") from e
 
 
 def cmd_generate(args) -> int:
-    engine = _engine(args)
+    base = request_from_args(args)
+    if args.fanout != DEFAULTS.fanout and args.mode != "parallel":
+        raise RequestError("--fanout applies to --mode parallel only", param="fanout")
+    if args.output and not args.input:
+        raise EdgeSSDError("--output is for --input batches; a single request prints to stdout")
     if args.input:
-        return _batch(engine, args)
-    messages = None
-    if args.messages:
-        try:
-            messages = json.loads(args.messages.read_text())
-        except (OSError, ValueError) as e:
-            raise EdgeSSDError(f"cannot read messages from {args.messages}: {e}") from e
-    kw = _gen_kwargs(args)
+        if not args.input.is_file():
+            raise EdgeSSDError(f"cannot read {args.input}: no such file")
+        if args.output:
+            check_output(args.output, [args.input])
+        return _batch(engine_from_args(args), base, args)
+    fields = {"messages": _read_messages(args.messages)} if args.messages else {"prompt": args.prompt}
+    if args.prediction:
+        fields["prediction"] = _read_text(args.prediction, "--prediction")
+    req = base.with_fields(fields)
+    engine = engine_from_args(args)
     if args.json:
-        res = engine.generate(args.prompt, messages=messages, **kw)
+        res = engine.generate(request=req)
         print(json.dumps(res.to_json()))
         if res.error:
             print(f"error: {res.error}", file=sys.stderr)
         return 1 if res.error else 0
-    stream = engine.stream(args.prompt, messages=messages, **kw)
-    for piece in stream:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    if args.show_drafts:
+        req = req.with_fields({"show_sources": True})
+        print(" ".join(f"{COLOURS[src]}{src}{RESET}" for src in DraftSource), file=sys.stderr)
+    with engine.stream(request=req) as stream:
+        for piece in stream:
+            sys.stdout.write(coloured(piece) if args.show_drafts else piece)
+            sys.stdout.flush()
     sys.stdout.write("\n")
     if stream.result.error:
         print(f"error: {stream.result.error}", file=sys.stderr)
         return 1
-    s = stream.result.stats
+    _print_stats(stream.result.stats)
+    return 0
+
+
+COLOURS = {DraftSource.MODEL: "\x1b[32m", DraftSource.NGRAM: "\x1b[36m", DraftSource.SUFFIX: "\x1b[34m",
+           DraftSource.PREDICTION: "\x1b[35m", DraftSource.TARGET: "\x1b[0m"}
+RESET = "\x1b[0m"
+
+
+def coloured(piece) -> str:
+    """A piece with ANSI colours by source: green the draft model's, cyan prompt lookup's, blue the
+    suffix cache's, magenta the prediction's, plain the target's own."""
+    return "".join(f"{COLOURS.get(src, '')}{text}{RESET}" for text, src in piece.spans)
+
+
+def _print_stats(s: dict) -> None:
     print(f"[{s['mode']}] {s['new_tokens']} tokens, {s['tokens_per_s']:.2f} tok/s, "
           f"acceptance {s['acceptance_rate']:.2f}, mean accepted {s['mean_accepted_len']:.2f}, "
           f"mean K {s['mean_k']:.2f}", file=sys.stderr)
@@ -151,37 +135,55 @@ def cmd_generate(args) -> int:
     elif s["mode"] == "parallel":
         print("[parallel] ran as spec: drafting beside verification does not pay with this placement "
               "(see docs/benchmarks.md#parallel-speculation)", file=sys.stderr)
-    return 0
 
 
-def _batch(engine, args) -> int:
-    """One request per JSONL line; a bad line gets an error record and the run goes on."""
-    out = open(args.output, "w") if args.output else sys.stdout
-    failures = 0
+def batch_request(raw: bytes, base: Request) -> tuple:
+    """(id, Request) from one JSONL line; any fault of the line is a RequestError for its record."""
     try:
-        with open(args.input) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"the line is not valid UTF-8 (byte {e.start})") from None
+    try:
+        obj = json.loads(line)
+    except RecursionError:
+        raise RequestError("the line is nested too deeply to read") from None
+    except ValueError as e:
+        raise RequestError(f"the line is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise RequestError("a request line must be a JSON object")
+    rid = obj.pop("id", None)
+    return rid, base.with_fields(obj)
+
+
+def _batch(engine, base: Request, args) -> int:
+    """One request per JSONL line; a bad line gets an error record and the run goes on."""
+    failures = 0
+
+    def run(out: IO[str]) -> None:
+        nonlocal failures
+        with open(args.input, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue
-                rec: dict = {"line": lineno}
+                rec: dict = {"line": lineno, "id": lineno}
                 try:
-                    req = json.loads(line)
-                    if not isinstance(req, dict):
-                        raise EdgeSSDError("a request line must be a JSON object")
-                    rec["id"] = req.get("id", lineno)
-                    kw = _gen_kwargs(args, req)
-                    res = engine.generate(req.get("prompt"), messages=req.get("messages"), **kw)
-                    rec.update(res.to_json())
-                except (EdgeSSDError, ValueError) as e:
+                    rid, req = batch_request(raw, base)
+                    rec["id"] = lineno if rid is None else rid
+                    rec.update(engine.generate(request=req).to_json())
+                except EdgeSSDError as e:
                     failures += 1
                     rec["error"] = str(e)
                 out.write(json.dumps(rec) + "\n")
                 out.flush()
+
+    try:
+        if args.output:
+            with replace_when_done(args.output) as out:
+                run(out)
+        else:
+            run(sys.stdout)
     except OSError as e:
         raise EdgeSSDError(f"cannot read {args.input}: {e}") from e
-    finally:
-        if out is not sys.stdout:
-            out.close()
     if failures:
         print(f"{failures} request(s) failed; see their error records", file=sys.stderr)
     return 0
@@ -191,7 +193,7 @@ def cmd_info(args) -> int:
     import onnxruntime as ort
     import psutil
 
-    from .progress import fmt_bytes
+    from .memory import fmt_bytes
     from .providers import available
 
     vm = psutil.virtual_memory()
@@ -234,7 +236,7 @@ def main(argv: Optional[list] = None) -> int:
         if args.cmd == "bench":
             from .bench import run_bench
 
-            return run_bench(args, _engine(args))
+            return run_bench(args)
         if args.cmd == "serve":
             from .server import serve
 

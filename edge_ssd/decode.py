@@ -15,20 +15,21 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from .costs import StepCosts
-from .drafters import Drafter
-from .errors import RequestError
-from .governor import Governor
-from .model import OnnxLM
+from .drafters import Drafter, DraftRound, Proposal
+from .enums import DraftSource, FinishReason, GovernorAction
+from .errors import MemoryBudgetError, RequestError
+from .governor import Governor, prefill_bytes_per_token
+from .model import OnnxLM, prefill
 from .policy import SpecPolicy
 from .sampling import SamplingParams, accept_greedy, accept_sampled, pick
 from .stats import Stats
 
-K_LIMIT = 16
-
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """k None means auto: chosen per round from measured costs and acceptance, in [k_min, k_max]."""
+    """The loop's settings, taken from a checked `Request` (request.py validates them).
+
+    k None means auto: chosen per round from measured costs and acceptance, in [k_min, k_max]."""
 
     max_new_tokens: int = 128
     k: Optional[int] = 4
@@ -37,56 +38,79 @@ class DecodeConfig:
     sampling: SamplingParams = SamplingParams()
     eos_ids: frozenset = frozenset()
 
-    def __post_init__(self) -> None:
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        if not is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= 1_000_000:
-            raise RequestError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if self.k is not None and (not is_int(self.k) or not 0 <= self.k <= K_LIMIT):
-            raise RequestError(f"k must be 'auto' or an integer in [0, {K_LIMIT}], got {self.k!r}")
-        if not (is_int(self.k_min) and is_int(self.k_max) and 0 <= self.k_min <= self.k_max <= K_LIMIT):
-            raise RequestError(f"need 0 <= k_min <= k_max <= {K_LIMIT}, got {self.k_min!r}, {self.k_max!r}")
-
 
 def _clip(new: list, eos: frozenset, budget: int) -> tuple:
     """Cut a round's tokens at the first EOS (dropped) or at the token budget."""
     for i, t in enumerate(new[:budget]):
         if t in eos:
-            return new[:i], "stop"
+            return new[:i], FinishReason.STOP
     if len(new) >= budget:
-        return new[:budget], "length"
-    return new, ""
+        return new[:budget], FinishReason.LENGTH
+    return new, None
+
+
+def _draft_round(policy: SpecPolicy, drafter: Drafter, room: int, governor: Optional[Governor],
+                 sp: SamplingParams, rng: np.random.Generator) -> DraftRound:
+    """This round's limits and estimates, as the drafter may see them."""
+    policy.draft_share = drafter.draft_share
+    cap = governor.k_cap if governor is not None else None
+    costs = policy.costs
+    return DraftRound(room=room, k_limit=min(policy.k_limit, cap or policy.k_limit), sampling=sp, rng=rng,
+                      model_pays=policy.model_round_pays(), keep_drafting=policy.keep_drafting,
+                      verify_cost=costs.verify_rows if costs is not None else None,
+                      accept_prob=policy.acceptance.prob, token_rate=policy.rate.value,
+                      fanout_cap=governor.fanout_cap if governor is not None else None)
+
+
+def _prefill(target: OnnxLM, drafter: Optional[Drafter], prompt: list, governor: Optional[Governor]):
+    """Feed the prompt to both models in chunks the memory budget allows; between chunks check
+    memory and yield [] (the consumer may stop a long prompt there). Returns the last logits."""
+    chunk = len(prompt)
+    if governor is not None:
+        e = target.entry
+        chunk = governor.prefill_chunk(prefill_bytes_per_token(e.hidden_size, e.num_heads, len(prompt)))
+    if drafter is not None:
+        drafter.start(prompt, chunk)
+    for i, logits in enumerate(prefill(target, prompt, chunk)):
+        if (i + 1) * chunk < len(prompt):
+            if governor is not None and governor.check(0, False) == GovernorAction.ABORT:
+                raise MemoryBudgetError(governor.abort_message())
+            yield []
+    return logits
+
+
+NO_PROPOSAL = Proposal([], source=DraftSource.TARGET)
 
 
 def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: DecodeConfig,
            stats: Stats, costs: Optional[StepCosts] = None, governor: Optional[Governor] = None,
            on_drop_draft: Callable[[], None] = lambda: None, learned: Optional[dict] = None) -> Iterator[list]:
-    """Yield each round's committed new tokens; fill `stats` as it goes.
+    """Yield each round's committed new tokens (an empty list between prefill chunks, where a
+    consumer may stop a long prompt); fill `stats` as it goes.
 
     drafter None is plain target decoding: the `ar` baseline. costs (shared across requests)
     are needed for auto K and are kept current with the steps this request runs. The governor,
     asked between rounds, can cap K, drop the draft (on_drop_draft frees it) or end the request.
     `learned` carries acceptance estimates from one request to the next (read, then updated).
+    A round with no proposal is a plain step: the same verification with one row.
     """
     if not prompt:
-        raise RequestError("the prompt is empty")
+        raise RequestError("the prompt is empty", param="prompt")
     if len(prompt) + 1 > target.max_context:
-        raise RequestError(f"the prompt has {len(prompt)} tokens; the context limit is {target.max_context}")
+        raise RequestError(f"the prompt has {len(prompt)} tokens; the context limit is {target.max_context}",
+                           param="prompt", code="context_length_exceeded")
     sp = cfg.sampling
     rng = np.random.default_rng(sp.seed)
     # steps that overlap drafting (parallel mode) do not measure the device's step costs
-    costs_seen = None if getattr(drafter, "concurrent", False) else costs
+    costs_seen = None if drafter is not None and drafter.concurrent else costs
     policy = SpecPolicy(costs, cfg.k, cfg.k_min, cfg.k_max) if drafter is not None else None
     if policy is not None and learned:
         policy.load(learned)
     t_start = time.perf_counter()
     stats.prompt_tokens = len(prompt)
     target.reset()
-    if drafter is not None:
-        drafter.start(prompt)
-    logits = target.forward(prompt, keep=1)
-    new = [pick(logits[0], sp, rng)]
+    logits = yield from _prefill(target, drafter, prompt, governor)
+    new, src = [pick(logits[0], sp, rng)], [DraftSource.TARGET]
     t_first = time.perf_counter()
     stats.prefill_s = t_first - t_start
     seq = list(prompt)
@@ -96,6 +120,7 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
             new, reason = _clip(new, cfg.eos_ids, cfg.max_new_tokens - produced)
             seq += new
             produced += len(new)
+            stats.token_sources += src[:len(new)]
             if new:
                 yield new
             if reason:
@@ -104,56 +129,41 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
             # The cache holds seq[:-1]; a round feeds seq[-1] and k drafts (at least min_rows rows).
             room = target.max_context - len(seq) - max(0, target.min_rows - 1)
             if room < 0:
-                stats.finish_reason = "context"
+                stats.finish_reason = FinishReason.CONTEXT
                 return
             room = min(room, cfg.max_new_tokens - produced - 1)  # tokens this round may draft
-            k = policy.budget(room) if policy else 0
-            if governor is not None:
-                act = governor.check(k, drafter is not None, getattr(drafter, "fanout", 0))
-                if act != "ok":
-                    stats.memory_events.append(act)
-                if act == "abort":
-                    stats.finish_reason, stats.error = "memory", governor.abort_message()
-                    return
-                if act == "drop_draft":
-                    drafter.release()
-                    drafter = policy = None
-                    on_drop_draft()
-                    k = 0
-                k = min(k, governor.k_cap or k)
+            act = _govern(governor, policy, drafter, room, stats)
+            if act == GovernorAction.ABORT:
+                return
+            if act == GovernorAction.DROP_DRAFT:
+                drafter = policy = None
+                on_drop_draft()
+            rnd = _draft_round(policy, drafter, room, governor, sp, rng) if policy is not None else None
             t0 = time.perf_counter()
-            prop = drafter.propose(seq, k, sp, rng, policy) if k > 0 else None
+            prop = drafter.propose(seq, rnd) if rnd is not None and rnd.k > 0 else NO_PROPOSAL
             t1 = time.perf_counter()
-            if prop is None or not prop.tokens:
-                new = [pick(target.forward([seq[-1]])[0], sp, rng)]
-                dt = time.perf_counter() - t1
-                stats.draft_s += t1 - t0
-                stats.verify_s += dt
-                if costs_seen is not None:
-                    costs_seen.observe_verify(1, dt)
-                stats.record_round(0, 0)
-                continue
+            stats.draft_s += t1 - t0
+            _learn_from_drafting(prop, policy, costs_seen)
             k = len(prop.tokens)
-            if hasattr(drafter, "overlap"):  # parallel mode: pre-draft the next round meanwhile
-                drafter.overlap(seq, prop, sp, policy, room - k, rng, governor.fanout_cap if governor else None,
-                                governor.k_cap if governor else None)
+            if k:
+                drafter.overlap(seq, prop, rnd)  # parallel mode: pre-draft the next round meanwhile
             logits = target.forward([seq[-1]] + prop.tokens, keep=k + 1)
             if sp.greedy:
                 n, bonus = accept_greedy(logits, prop.tokens)
             else:
                 n, bonus = accept_sampled(logits, prop.tokens, prop.q, sp, rng)
             dt = time.perf_counter() - t1
-            stats.draft_s += t1 - t0
             stats.verify_s += dt
             if costs_seen is not None:
                 costs_seen.observe_verify(k + 1, dt)
-            target.truncate(len(seq) + n)
-            drafter.commit(len(seq) + n)
-            policy.observe(prop.conf, n)
+            if k:
+                target.truncate(len(seq) + n)
+                drafter.commit(len(seq) + n)
+                policy.observe(prop.conf, n)
             stats.record_round(k, n, prop.source)
-            new = prop.tokens[:n] + [bonus]
+            new, src = prop.tokens[:n] + [bonus], [prop.source] * n + [DraftSource.TARGET]
     finally:
-        if hasattr(drafter, "parallel_stats"):
+        if drafter is not None:
             stats.parallel = drafter.parallel_stats()
         if policy is not None and learned is not None and policy.observed:
             learned.update(policy.state())
@@ -161,3 +171,28 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
         t_end = time.perf_counter()
         stats.decode_s = t_end - t_first
         stats.total_s = t_end - t_start
+
+
+def _govern(governor: Optional[Governor], policy: Optional[SpecPolicy], drafter: Optional[Drafter],
+            room: int, stats: Stats) -> GovernorAction:
+    """Ask the governor what to give up this round; record it; free the draft if it must go."""
+    if governor is None:
+        return GovernorAction.OK
+    act = governor.check(policy.budget(room) if policy else 0, drafter is not None,
+                         drafter.fanout if drafter is not None else 0)
+    if act != GovernorAction.OK:
+        stats.memory_events.append(act)
+    if act == GovernorAction.ABORT:
+        stats.finish_reason, stats.error = FinishReason.MEMORY, governor.abort_message()
+    if act == GovernorAction.DROP_DRAFT:
+        drafter.release()
+    return act
+
+
+def _learn_from_drafting(prop: Proposal, policy: Optional[SpecPolicy], costs: Optional[StepCosts]) -> None:
+    """What a proposal tells the estimates: whether the draft model ran, and its step times."""
+    if prop.source == DraftSource.MODEL:
+        policy.note_model_round(ran=bool(prop.tokens))
+    if costs is not None:
+        for s in prop.step_s:
+            costs.observe_draft(s)

@@ -1,4 +1,7 @@
 """Errors a user can act on. The CLI prints their message (no traceback) and exits non-zero."""
+from __future__ import annotations
+
+from typing import Optional
 
 
 class EdgeSSDError(Exception):
@@ -14,7 +17,16 @@ class ProviderError(EdgeSSDError):
 
 
 class RequestError(EdgeSSDError):
-    """A generation request is invalid: empty prompt, bad sampling parameters, too long."""
+    """A generation request is invalid: empty prompt, bad sampling parameters, too long.
+
+    `param` names the request field at fault (the Request's own name, e.g. "max_new_tokens"),
+    so the server can answer with OpenAI's `param` without reading the message; `code` is a
+    machine-readable reason where one exists (e.g. "context_length_exceeded").
+    """
+
+    def __init__(self, message: str, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.param, self.code = param, code
 
 
 class MemoryBudgetError(EdgeSSDError):

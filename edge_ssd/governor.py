@@ -19,70 +19,27 @@ driven without starving the machine.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import psutil
-
+from .enums import GovernorAction
 from .errors import MemoryBudgetError
-from .progress import fmt_bytes
+from .memory import Reading, fmt_bytes, parse_size, read_memory
 
 MiB = 1 << 20
 MIN_CONTEXT = 256
 DEFAULT_SHARE = 0.8         # default budget: this share of the memory available at load
 MARGIN = 64 * MiB           # never plan to the last byte: allocator slack, Python, tokenizer
+PREFILL_CHUNK_MAX = 512     # prompt tokens per forward: enough rows for efficient matmuls (llama.cpp's micro-batch)
+PREFILL_CHUNK_MIN = 16      # below this a long prompt takes too many forwards; the budget is short anyway
+ACTIVATION_WIDTH = 24       # fp32 activations per prompt token in one layer, in hidden sizes (q/k/v/o,
+                            # the MLP's gate, up and down, norms): a deliberate overestimate
 
 
-@dataclass(frozen=True)
-class Reading:
-    available: int   # system memory available to new allocations (psutil)
-    rss: int         # this process's resident set
-
-
-CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),                 # v2
-                ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
-
-
-def cgroup_headroom(files=CGROUP_FILES) -> Optional[int]:
-    """Bytes left under this process's cgroup memory limit (systemd MemoryMax, docker -m), if any."""
-    for limit_file, usage_file in files:
-        try:
-            with open(limit_file) as f:
-                limit = f.read().strip()
-            with open(usage_file) as f:
-                usage = int(f.read().strip())
-        except (OSError, ValueError):
-            continue
-        if limit.isdigit() and int(limit) < (1 << 60):  # "max" or a huge number: no limit
-            return max(0, int(limit) - usage)
-    return None
-
-
-def read_memory() -> Reading:
-    """Available memory is the smaller of the system's and the cgroup limit's headroom."""
-    available = psutil.virtual_memory().available
-    headroom = cgroup_headroom()
-    if headroom is not None:
-        available = min(available, headroom)
-    return Reading(available, psutil.Process().memory_info().rss)
-
-
-def parse_size(text: "str | int | None", available: int) -> Optional[int]:
-    """'1.5GiB', '800MB', '2G', '60%' (of available memory), or bytes -> bytes."""
-    if text is None or isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|[KMGT]i?B?|B)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise MemoryBudgetError(f"cannot read memory size {text!r} (try 1.5GiB, 800MB or 60%)")
-    value, unit = float(m.group(1)), (m.group(2) or "B").upper()
-    if unit == "%":
-        if not 0 < value <= 100:
-            raise MemoryBudgetError(f"memory budget share must be in (0, 100]%, got {text!r}")
-        return int(available * value / 100)
-    power = "BKMGT".index(unit[0])
-    base = 1024 if "I" in unit or len(unit) == 1 else 1000
-    return int(value * base ** power)
+def prefill_bytes_per_token(hidden_size: int, num_heads: int, context: int) -> int:
+    """Working memory per prompt token of one forward at `context` tokens: its activations and
+    its attention scores against the whole context (one fp32 row per head)."""
+    return 4 * (ACTIVATION_WIDTH * hidden_size + num_heads * context)
 
 
 @dataclass
@@ -114,9 +71,11 @@ class Governor:
 
     # -- load -------------------------------------------------------------------------------
     def plan(self, weights: dict, kv_per_token: dict, vocab: int, want_context: int, want_k: int,
-             model_max_context: int, target_quant: str = "", fanout: int = 0) -> Plan:
-        """Largest context (and K) that fit; drop the draft if only the target fits; else refuse."""
-        fixed = self.base_rss + self.margin
+             model_max_context: int, target_quant: str = "", fanout: int = 0, extra: int = 0) -> Plan:
+        """Largest context (and K) that fit; drop the draft if only the target fits; else refuse.
+
+        extra: bytes held beside the models whatever the context (the suffix cache's bound)."""
+        fixed = self.base_rss + self.margin + extra
         # logits and probability rows, plus parallel mode's branches (q rows when sampling)
         logits = lambda k: (k + 1) * vocab * 4 * (3 + (fanout if k else 0))  # noqa: E731
         for use_draft in ((True, False) if "draft" in weights else (False,)):
@@ -139,9 +98,18 @@ class Governor:
             "or free memory on this device"
         )
 
+    def prefill_chunk(self, bytes_per_token: int) -> int:
+        """The longest prefill chunk whose working memory fits what the budget has left now."""
+        r = self.reader()
+        headroom = min(self.budget - r.rss, r.available) - self.margin
+        chunk = PREFILL_CHUNK_MAX
+        while chunk > PREFILL_CHUNK_MIN and chunk * bytes_per_token > headroom:
+            chunk //= 2
+        return chunk
+
     # -- between rounds -----------------------------------------------------------------------
-    def check(self, k: int, have_draft: bool, fanout: int = 0) -> str:
-        """'ok', 'lower_fanout', 'lower_k', 'drop_draft' or 'abort', from a fresh reading.
+    def check(self, k: int, have_draft: bool, fanout: int = 0) -> GovernorAction:
+        """What to give up now, from a fresh reading (OK: nothing).
 
         Cheapest loss first: parallel mode's pre-drafted branches (each holds up to K rows of
         q when sampling), then K, then the draft model, then the request.
@@ -151,19 +119,19 @@ class Governor:
         low = r.available < 2 * self.margin
         critical = r.available < self.margin // 2
         if not (over or low):
-            return "ok"
+            return GovernorAction.OK
         cap = fanout if self.fanout_cap is None else min(fanout, self.fanout_cap)
         if have_draft and not critical and cap > 0:
             self.fanout_cap = cap // 2
-            return self._event("lower_fanout", r)
+            return self._event(GovernorAction.LOWER_FANOUT, r)
         if have_draft and not critical and k > 1 and (self.k_cap is None or self.k_cap > 1):
             self.k_cap = max(1, k // 2)
-            return self._event("lower_k", r)
+            return self._event(GovernorAction.LOWER_K, r)
         if have_draft:
-            return self._event("drop_draft", r)
-        return self._event("abort", r) if (over or critical) else "ok"
+            return self._event(GovernorAction.DROP_DRAFT, r)
+        return self._event(GovernorAction.ABORT, r) if (over or critical) else GovernorAction.OK
 
-    def _event(self, what: str, r: Reading) -> str:
+    def _event(self, what: GovernorAction, r: Reading) -> GovernorAction:
         self.events.append({"action": what, "available": r.available, "rss": r.rss, "k_cap": self.k_cap,
                             "fanout_cap": self.fanout_cap})
         return what

@@ -8,7 +8,9 @@ are ignored (attention reads `seqlens_k`) and overwritten by the next step.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+import sys
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -49,9 +51,10 @@ class OnnxLM:
         self.min_rows = min_rows
         self.max_context = min(entry.max_context, max_context or entry.max_context)
         try:
-            self.session = ort.InferenceSession(
-                str(entry.graph), session_options(threads), providers=[PROVIDERS[provider]]
-            )
+            with contextlib.redirect_stdout(sys.stderr):  # its "EP Error ... falling back" goes to stdout
+                self.session = ort.InferenceSession(
+                    str(entry.graph), session_options(threads), providers=[PROVIDERS[provider]]
+                )
         except Exception as e:  # onnxruntime raises its own exception types; say which file
             raise BundleError(f"onnxruntime could not load {entry.graph}: {e}") from e
         self.provider = provider
@@ -123,3 +126,12 @@ class OnnxLM:
 
     def reset(self) -> None:
         self.length = 0
+
+
+def prefill(lm, ids: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
+    """Feed a long prompt to `lm` `chunk` tokens per forward, yielding the logits after each:
+    the working memory of a forward grows with its rows times the context, so a bounded chunk
+    bounds the peak, and the caller may stop (or check memory) between chunks. The last item
+    is the logits row after the whole prompt."""
+    for start in range(0, len(ids), max(1, chunk)):
+        yield lm.forward(ids[start:start + chunk], keep=1)

@@ -34,17 +34,18 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .drafters import ModelDrafter, Proposal, fit_vocab
-from .policy import SpecPolicy
+from .drafters import Drafter, DraftRound, ModelDrafter, Proposal, fit_vocab
+from .enums import DraftSource
+from .request import DEFAULT_FANOUT
 from .sampling import SamplingParams, probs, sample
 
 CANDIDATES = 4       # bonus-token guesses looked at per position
-DEFAULT_FANOUT = 4   # branches pre-drafted per round (governor may lower it)
 HIT_EMA = 0.1        # weight of the newest lookup in the hit-rate average
+HIT_RATE_PRIOR = 0.5  # the hit rate assumed before the first lookup
 
 
 def distribution(logits: np.ndarray, sp: SamplingParams, vocab: int) -> np.ndarray:
@@ -80,7 +81,7 @@ class Branch:
 
 
 @dataclass
-class Job:
+class FanOut:
     """One round's fan-out: what the worker needs, copied, since `seq` keeps growing."""
 
     gen: int
@@ -91,7 +92,7 @@ class Job:
     accept: list               # P(target accepts token i | the draft's confidence)
     cands: list                # (ids, probs) at each proposed position, or None where unknown
     sp: SamplingParams
-    policy: SpecPolicy
+    keep_drafting: Callable[[Sequence[float]], bool]  # the policy's confidence stop
     depth: int                 # most tokens a branch drafts
     fanout: int
     rng: Optional[np.random.Generator]
@@ -112,7 +113,7 @@ class Job:
         return None
 
 
-class ParallelDrafter:
+class ParallelDrafter(Drafter):
     """Wraps a ModelDrafter; drafts the next round's likely proposals during verification."""
 
     concurrent = True  # drafting overlaps verification: step times are not the device's costs
@@ -125,7 +126,7 @@ class ParallelDrafter:
         self.fanout = fanout
         self.wait_all = wait_all            # measurement: let each fan-out finish (timing-free hit rate)
         self.gen = 0                        # bumped to call off the running job
-        self.job: Optional[Job] = None
+        self.job: Optional[FanOut] = None
         self.futures: list = []             # jobs submitted and not yet collected (a worker error surfaces here)
         self.lock = threading.Lock()
         self.held: list = []                # the draft cache's tokens (len == lm.length)
@@ -139,21 +140,24 @@ class ParallelDrafter:
         # rank of the hit branch or -1, draft forwards until it was ready, K of the new round,
         # proposals of the verified round the hit branch assumed accepted or -1, its own forwards)
         self.trace: list = []
-        self.hit_ema = 0.5                  # recent hit rate: the share of drafting hidden
+        self.hit_ema = HIT_RATE_PRIOR       # recent hit rate: the share of drafting hidden
 
     # -- main thread ---------------------------------------------------------------------------
-    def start(self, prompt: list) -> None:
+    def start(self, prompt: list, prefill_chunk: Optional[int] = None) -> None:
         self._quiesce()
-        self.model.start(prompt)
+        self.model.start(prompt, prefill_chunk)
         self.held, self.floor, self.job = list(prompt), len(prompt), None
 
-    def propose(self, seq: list, k: int, sp: SamplingParams, rng: np.random.Generator,
-                policy: SpecPolicy) -> Proposal:
-        job, self._hit = self.job, None
+    @property
+    def draft_share(self) -> float:
+        """Drafting that still delays a round: what K is chosen against (policy.py)."""
+        return 1.0 - self.hit_ema if self.st["rounds"] else 1.0
+
+    def propose(self, seq: list, rnd: DraftRound) -> Proposal:
+        job, self._hit, k = self.job, None, rnd.k
         key = job.outcome(seq) if job is not None else None
         if key is not None:
             self.st["rounds"] += 1
-            policy.draft_share = 1.0 - self.hit_ema   # what K is chosen against (policy.py)
             if self.wait_all:
                 self._wait()
             with self.lock:
@@ -175,14 +179,14 @@ class ParallelDrafter:
                 n = min(k, len(br.tokens))
                 ready = job.feed_steps + sum(b.steps for b in order[:rank + 1])
                 self.trace.append((job.k_round, rank, ready, n, br.j, br.steps))
-                prop = Proposal(br.tokens[:n], np.stack(br.q[:n]) if br.q else None, br.conf[:n], "model")
+                prop = Proposal(br.tokens[:n], np.stack(br.q[:n]) if br.q else None, br.conf[:n], DraftSource.MODEL)
                 self._hit = (prop, br)
                 return prop
             self.st["misses"] += 1
         self._quiesce()
         self._sync(seq)
         self._truncate(min(self.model.lm.length, len(seq) - 1))  # the drafter feeds at least seq[-1]
-        prop = self.model.propose(seq, k, sp, rng, policy)
+        prop = self.model.propose(seq, rnd)
         if key is not None:
             self.trace.append((job.k_round, -1, 0, len(prop.tokens), -1, 0))
         lm = self.model.lm
@@ -190,14 +194,12 @@ class ParallelDrafter:
         self.floor = min(len(seq), lm.length)
         return prop
 
-    def overlap(self, seq: list, prop: Proposal, sp: SamplingParams, policy: SpecPolicy, room: int,
-                rng: np.random.Generator, fanout_cap: Optional[int] = None, k_cap: Optional[int] = None) -> None:
-        """Called just before the target verifies `prop`: start pre-drafting round T+1.
-
-        room: tokens the next round may draft (context and token budget); the caps are the
-        memory governor's."""
-        fanout = min(self.fanout, self.fanout if fanout_cap is None else fanout_cap)
-        depth = min(policy.budget(room), k_cap or room)
+    def overlap(self, seq: list, prop: Proposal, rnd: DraftRound) -> None:
+        """Called just before the target verifies `prop`: start pre-drafting round T+1 (as
+        deep as the next round may draft, as wide as the governor allows)."""
+        fanout = min(self.fanout, self.fanout if rnd.fanout_cap is None else rnd.fanout_cap)
+        depth = rnd.after(len(prop.tokens)).k
+        sp = rnd.sampling
         hit = self._hit is not None and self._hit[0] is prop
         if not prop.tokens or depth <= 0 or fanout <= 0:
             self.job = None
@@ -206,18 +208,14 @@ class ParallelDrafter:
         # proposal drafted just now has its logits rows; an n-gram proposal is fed by the worker.
         cands = list(self._hit[1].cands[:len(prop.tokens)]) if hit else [None] * len(prop.tokens)
         rows = prop.rows if not hit else None
-        accept = [policy.acceptance.prob(c) for c in prop.conf] if prop.conf else \
-            [policy.rate_hits / policy.rate_seen] * len(prop.tokens)
+        accept = [rnd.accept_prob(c) for c in prop.conf] if prop.conf else [rnd.token_rate] * len(prop.tokens)
         self.gen += 1
-        job = Job(self.gen, self.floor, seq[self.floor:] + prop.tokens, len(seq), list(prop.tokens), accept,
-                  cands, sp, policy, depth, fanout,
-                  None if sp.greedy else np.random.default_rng(int(rng.integers(1 << 62))))
+        job = FanOut(self.gen, self.floor, seq[self.floor:] + prop.tokens, len(seq), list(prop.tokens), accept,
+                     cands, sp, rnd.keep_drafting, depth, fanout,
+                     None if sp.greedy else np.random.default_rng(int(rnd.rng.integers(1 << 62))))
         self.job, self._hit = job, None
         self._harvest()
         self.futures.append(self.pool.submit(self._run, job, rows))
-
-    def commit(self, n_valid: int) -> None:
-        """The cache is put right by whoever drafts next (`held` says what it holds)."""
 
     def release(self) -> None:
         self._quiesce()
@@ -277,7 +275,7 @@ class ParallelDrafter:
         del held[i:]
 
     # -- worker thread -------------------------------------------------------------------------
-    def _run(self, job: Job, rows: Optional[np.ndarray]) -> float:
+    def _run(self, job: FanOut, rows: Optional[np.ndarray]) -> float:
         t0 = time.perf_counter()
         self._fan_out(job, rows)
         return time.perf_counter() - t0
@@ -291,7 +289,7 @@ class ParallelDrafter:
         self.model.lm.truncate(n)
         del self.held[n:]
 
-    def _fan_out(self, job: Job, rows: Optional[np.ndarray]) -> None:
+    def _fan_out(self, job: FanOut, rows: Optional[np.ndarray]) -> None:
         if job.gen != self.gen:                        # called off while queued
             return
         sp, vocab, lm = job.sp, self.model.target_vocab, self.model.lm
@@ -323,7 +321,7 @@ class ParallelDrafter:
             if job.want is not None:
                 return
 
-    def _plan(self, job: Job, after: tuple) -> list:
+    def _plan(self, job: FanOut, after: tuple) -> list:
         """The `fanout` likeliest outcomes of verification, likeliest first."""
         outcomes = []
         reach = 1.0                                    # P(the first j proposals are accepted)
@@ -339,7 +337,7 @@ class ParallelDrafter:
         outcomes = sorted((o for o in outcomes if o[0] > 0), reverse=True)  # top-k/top-p zeros: never
         return [Branch(j, b, s) for s, j, b in outcomes[:job.fanout]]
 
-    def _draft_branch(self, job: Job, br: Branch) -> None:
+    def _draft_branch(self, job: FanOut, br: Branch) -> None:
         """Draft one branch: bring the cache to its accepted prefix (an earlier branch may have
         overwritten proposals there), feed its bonus, draft on."""
         t0 = time.perf_counter()
@@ -360,7 +358,7 @@ class ParallelDrafter:
             br.tokens.append(tok)
             feed = [tok]
             called_off = job.gen != self.gen and job.want != (br.j, br.bonus)
-            if called_off or not job.policy.keep_drafting(br.conf):
+            if called_off or not job.keep_drafting(br.conf):
                 break
         br.seconds = time.perf_counter() - t0
         br.done = True

@@ -15,8 +15,8 @@ text becomes predictable again.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -26,6 +26,47 @@ BUCKETS = 10
 PRIOR = 4.0          # pseudo-observations per bucket, centred on the bucket's confidence
 DECAY = 0.98         # older rounds weigh less: acceptance drifts with the text
 PROBE_EVERY = 8      # after this many plain rounds, draft one round anyway
+TOKEN_RATE_PRIOR = (1.2, 2.0)  # per-token acceptance 0.6 (two tokens' worth) before any round
+CARRY_TOKENS = 8.0   # a request hands the next one at most this many tokens' worth of evidence
+
+
+def expected_tokens(accept: Sequence[float]) -> float:
+    """Tokens a round yields when draft token i is accepted with probability accept[i] given
+    the ones before it: 1 + sum_i prod_{l<=i} accept[l] (the target's own token always comes)."""
+    return 1.0 + float(np.cumprod(accept).sum()) if len(accept) else 1.0
+
+
+def best_length(rate: float, lengths: Iterable[int], cost: Callable[[int], float]) -> tuple:
+    """(n, tokens per second) of the best proposal length among `lengths`, each draft token
+    accepted with probability `rate`; ties keep the first (shortest) length."""
+    best_n, best = -1, 0.0
+    for n in lengths:
+        r = expected_tokens([rate] * n) / cost(n)
+        if r > best:
+            best_n, best = n, r
+    return best_n, best
+
+
+@dataclass
+class DecayedRate:
+    """A per-token acceptance rate over recent rounds: hits / seen, both decayed at each update."""
+
+    hits: float
+    seen: float
+    decay: float = DECAY
+
+    @property
+    def value(self) -> float:
+        return self.hits / self.seen
+
+    def observe(self, hits: float, seen: float) -> None:
+        self.hits = self.decay * self.hits + hits
+        self.seen = self.decay * self.seen + seen
+
+    def carried(self, tokens: float) -> tuple:
+        """(hits, seen) scaled to at most `tokens` of evidence: a prior for the next request."""
+        w = min(1.0, tokens / max(self.seen, 1e-9))
+        return self.hits * w, self.seen * w
 
 
 class AcceptanceModel:
@@ -61,71 +102,67 @@ class SpecPolicy:
     fixed_k: Optional[int] = None
     k_min: int = 0
     k_max: int = 8
-    draft_share: float = 1.0   # of drafting time on the critical path (parallel mode lowers it)
+    draft_share: float = 1.0   # of drafting time on the critical path (the drafter's, set by the loop)
+    rate: DecayedRate = field(default_factory=lambda: DecayedRate(*TOKEN_RATE_PRIOR))
+    observed: int = 0          # model-drafted rounds seen
 
     def __post_init__(self) -> None:
         self.acceptance = AcceptanceModel()
-        self.rate_hits, self.rate_seen = 1.2, 2.0   # decayed per-token acceptance, prior 0.6
-        self.observed = 0                           # model-drafted rounds seen
         self._plain_streak = 0
         if self.fixed_k is None and self.costs is None:
             raise ValueError("auto K needs step costs")
 
     # -- per round -------------------------------------------------------------------------
+    @property
+    def k_limit(self) -> int:
+        """Most tokens a round drafts: the fixed K, or k_max."""
+        return self.fixed_k if self.fixed_k is not None else self.k_max
+
     def budget(self, room: int) -> int:
         """Most tokens this round may draft."""
-        return max(0, min(self.fixed_k if self.fixed_k is not None else self.k_max, room))
+        return max(0, min(self.k_limit, room))
 
-    def model_pays(self) -> bool:
+    def model_round_pays(self) -> bool:
         """Run the draft model this round? Yes when expected to beat a plain target step, and
-        once every PROBE_EVERY plain rounds anyway, so the estimate can recover."""
-        if self.model_pays_estimate() or self._plain_streak >= PROBE_EVERY:
-            self._plain_streak = 0
-            return True
-        self._plain_streak += 1
-        return False
+        once every PROBE_EVERY declined rounds anyway, so the estimate can recover."""
+        return self.model_pays_estimate() or self._plain_streak >= PROBE_EVERY
+
+    def note_model_round(self, ran: bool) -> None:
+        """The draft model ran this round (the probe count restarts) or was declined."""
+        self._plain_streak = 0 if ran else self._plain_streak + 1
 
     def model_pays_estimate(self) -> bool:
-        """Is a model-drafted round expected to beat a plain step? (no side effects)"""
+        """Is a model-drafted round expected to beat a plain step?"""
         return self.fixed_k is not None or self.k_min > 0 or self.model_rate() > 1 / self.costs.verify_rows(1)
 
     def model_rate(self) -> float:
         """Expected tokens per second of a model-drafted round at the recent per-token
         acceptance, for the best K (or the fixed one)."""
         c = self.costs
-        a = self.rate_hits / self.rate_seen
-        best = 0.0
-        for k in ([self.fixed_k] if self.fixed_k else range(max(1, self.k_min), self.k_max + 1)):
-            e = 1 + sum(a ** i for i in range(1, k + 1))
-            best = max(best, e / (k * c.draft_step * self.draft_share + c.verify_rows(k + 1)))
-        return best
+        ks = [self.fixed_k] if self.fixed_k else range(max(1, self.k_min), self.k_max + 1)
+        return best_length(self.rate.value, ks,
+                           lambda k: k * c.draft_step * self.draft_share + c.verify_rows(k + 1))[1]
 
-    def keep_drafting(self, confs: list) -> bool:
+    def keep_drafting(self, confs: Sequence[float]) -> bool:
         """After drafting len(confs) tokens: is drafting one more expected to pay?"""
         j = len(confs)
         if self.fixed_k is not None or j < max(1, self.k_min):
             return True
         c = self.costs
-        probs = [self.acceptance.prob(x) for x in confs]
-        cum = np.cumprod(probs)
-        e_now = 1 + cum.sum()
+        accept = [self.acceptance.prob(x) for x in confs]
         d = c.draft_step * self.draft_share
         cost_now = j * d + c.verify_rows(j + 1)
-        a_next = probs[-1]
-        e_next = e_now + cum[-1] * a_next
         cost_next = cost_now + d + c.verify_rows(j + 2) - c.verify_rows(j + 1)
-        return e_next / cost_next > e_now / cost_now
+        return expected_tokens(accept + accept[-1:]) / cost_next > expected_tokens(accept) / cost_now
 
     def state(self) -> dict:
         """What this request learned, scaled down to a prior for the next request."""
-        w = min(1.0, 8.0 / max(self.rate_seen, 1e-9))
         a = self.acceptance
-        return {"rate": (self.rate_hits * w, self.rate_seen * w),
-                "buckets": (a.hits.tolist(), a.seen.tolist())}
+        return {"rate": self.rate.carried(CARRY_TOKENS), "buckets": (a.hits.tolist(), a.seen.tolist())}
 
     def load(self, state: dict) -> None:
         if "rate" in state:
-            self.rate_hits, self.rate_seen = state["rate"]
+            self.rate = DecayedRate(*state["rate"])
             hits, seen = state["buckets"]
             self.acceptance.hits, self.acceptance.seen = np.array(hits), np.array(seen)
 
@@ -133,5 +170,4 @@ class SpecPolicy:
         if confs:
             self.observed += 1
             self.acceptance.observe(confs, n_accepted)
-            self.rate_hits = DECAY * self.rate_hits + n_accepted
-            self.rate_seen = DECAY * self.rate_seen + min(len(confs), n_accepted + 1)
+            self.rate.observe(n_accepted, min(len(confs), n_accepted + 1))

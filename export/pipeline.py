@@ -1,9 +1,10 @@
 """The export pipeline: sources -> fused ONNX graphs -> quantized -> validated -> pair bundle.
 
-The bundle is built in a hidden temporary folder next to its destination and renamed into
-place only after `pair.json` (written last) is complete, so a crash or Ctrl-C never leaves a
-folder the runtime would load. Converted sources (GGUF -> fp32 safetensors) and built graphs
-are cached under `.cache/`, keyed by source and settings, and hard-linked into the bundle.
+The bundle is built in a hidden partial folder next to its destination and swapped into place
+only after `pair.json` (written last) is complete, so a crash or Ctrl-C never leaves a folder
+the runtime would load, and never removes the bundle that was there (output.py). Converted
+sources (GGUF -> fp32 safetensors) and built graphs are cached under `.cache/`, keyed by source
+and settings, and hard-linked into the bundle.
 """
 from __future__ import annotations
 
@@ -19,14 +20,19 @@ from typing import Optional
 
 from edge_ssd import __version__
 from edge_ssd.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, Bundle, load_bundle, sha256_of
-from edge_ssd.progress import Bar, fmt_bytes, peak_rss_bytes, stage
+from edge_ssd.memory import fmt_bytes, peak_rss_bytes
+from edge_ssd.progress import Bar, stage
 
-from .graph import BUILDER_VERSION, Arch, QuantConfig, build_decoder, logits_width
+from .errors import ExportError
+from .graph import BUILDER_VERSION, Arch, GraphIO, QuantConfig, UnsupportedModelError, build_decoder, logits_width
+from .output import begin, check_destination, check_not_source, clean_stale, commit, discard, resolve_out
 from .registry import CACHE
-from .sources import resolve_source
-from .tokenizer_meta import ensure_tokenizer_json, tokenizer_meta
-from .validate import check_tokenizers, read_json, torch_reference, validate_model
+from .sources import SourceError, resolve_source
+from .tokenizer_meta import ensure_tokenizer_json, load_tokenizer, tokenizer_meta
+from .validate import check_tokenizers, torch_reference, validate_model
 from .weights import open_weights
+
+MIN_CONTEXT = 128  # the golden and agreement checks feed prompts of up to about a hundred tokens
 
 
 @dataclass
@@ -47,6 +53,10 @@ class ExportPlan:
     force: bool = False
     cache: Path = CACHE
     extra_provenance: dict = field(default_factory=dict)
+
+    @property
+    def models(self) -> list:
+        return [m for m in (self.target, self.draft) if m is not None]
 
 
 def _source_key(hf_dir: Path) -> str:
@@ -124,82 +134,127 @@ def _tool_versions() -> dict:
 
 
 def _arch_of(hf_dir: Path) -> Arch:
-    cfg = read_json(hf_dir / "config.json")
-    arch = Arch.from_config(cfg)
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        from .graph import UnsupportedModelError
-
-        raise UnsupportedModelError(f"activation {act} is not supported (only silu)")
+    """The model's shapes and family features from config.json; refuse what the builder cannot
+    handle (families.py), naming the file."""
+    path = hf_dir / "config.json"
+    try:
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:
+        raise SourceError(f"{path}: not a readable JSON file ({e})") from e
+    if not isinstance(cfg, dict):
+        raise SourceError(f"{path}: must hold a JSON object")
+    try:
+        arch = Arch.from_config(cfg)
+    except UnsupportedModelError:
+        raise
+    except KeyError as e:
+        raise SourceError(f"{path}: has no {e.args[0]!r}, which the graph needs") from e
+    except (TypeError, ValueError) as e:
+        raise SourceError(f"{path}: a field the graph needs is mistyped ({e})") from e
     return arch
 
 
-def export_pair(plan: ExportPlan) -> Bundle:
-    """Run the whole export; return the loaded (and so re-verified) bundle."""
-    t_start = time.perf_counter()
-    out = plan.out.expanduser().resolve()
-    if out.exists() and not plan.force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
-    models = [m for m in (plan.target, plan.draft) if m is not None]
+def _check_plan(plan: ExportPlan) -> None:
+    """Settings that would fail deep inside the export, refused before it starts."""
+    if plan.max_context is not None and plan.max_context < MIN_CONTEXT:
+        raise ExportError(f"--max-context must be at least {MIN_CONTEXT} (the export's own checks need that "
+                          f"many positions), not {plan.max_context}")
+
+
+def _read_by(plan: ExportPlan) -> dict:
+    """What the export reads from disk, which --out must not touch: the sources given as paths
+    (hub ids are not paths) and the cache."""
+    read = {f"the {m.role} source": Path(m.source).expanduser() for m in plan.models}
+    return {**{k: p for k, p in read.items() if p.exists()}, "the export cache": plan.cache}
+
+
+def _resolve(plan: ExportPlan, out: Path) -> tuple:
+    """Each model's local Hugging Face folder and shapes; unusable sources are refused here,
+    before any graph is built, and so is an --out that a resolved folder (a hub snapshot, a
+    conversion) would be inside."""
     hf: dict = {}
     arch: dict = {}
-    for m in models:
+    for m in plan.models:
         with stage(f"resolve {m.role} source {m.source}"):
             hf[m.role] = resolve_source(m.source, plan.cache)
-            arch[m.role] = _arch_of(hf[m.role])  # refuse unsupported models before heavy work
+            arch[m.role] = _arch_of(hf[m.role])
+            open_weights(hf[m.role])  # no weights, or a truncated file: refused now
+    check_not_source(out, {f"the {role} model's Hugging Face folder": p for role, p in hf.items()})
+    return hf, arch
+
+
+def preflight(plan: ExportPlan) -> Path:
+    """Refuse in the first second what would fail (or destroy something) later: the settings,
+    a destination that is not ours to replace, one that a source is in or is in a source, and
+    one whose folder cannot be written. Returns the destination, resolved."""
+    _check_plan(plan)
+    out = resolve_out(plan.out)
+    check_not_source(out, _read_by(plan))
+    clean_stale(out)
+    check_destination(out, plan.force)
+    discard(begin(out))  # the folder takes a partial bundle: it is writable
+    return out
+
+
+def export_pair(plan: ExportPlan) -> Bundle:
+    """Run the whole export; return the loaded (and so re-verified) bundle.
+
+    The destination is checked first (see output.py): nothing that is not a bundle is ever
+    replaced, and the old bundle stays in place until the new one is complete.
+    """
+    t_start = time.perf_counter()
+    out = preflight(plan)
+    tmp = begin(out)
+    try:
+        hf, arch = _resolve(plan, out)
+        _write_bundle(tmp, plan, hf, arch, out.name, t_start)
+        load_bundle(tmp, verify="size")  # the runtime's own checks, before the old bundle goes
+        commit(tmp, out)
+    except BaseException:
+        discard(tmp)
+        raise
+    bundle = load_bundle(out, verify="full")
+    print(f"bundle written: {out} in {time.perf_counter() - t_start:.1f}s, peak RSS {fmt_bytes(peak_rss_bytes())}")
+    return bundle
+
+
+def _write_bundle(tmp: Path, plan: ExportPlan, hf: dict, arch: dict, name: str, t_start: float) -> None:
+    """Graphs, tokenizer and (last) pair.json into the partial folder."""
     tok_file = ensure_tokenizer_json(hf["target"])
     if plan.draft:
         with stage("check draft/target tokenizers"):
             check_tokenizers(ensure_tokenizer_json(hf["draft"]), tok_file)
     meta = tokenizer_meta(hf["target"])
-
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        manifest_models = {}
-        for m in models:
-            a = arch[m.role]
-            max_ctx = min(a.max_position_embeddings, plan.max_context or a.max_position_embeddings)
-            built = build_graph_cached(hf[m.role], a, m.quant, max_ctx, plan.cache, m.role)
-            for name in ("model.onnx", "model.onnx.data"):
-                _link_or_copy(built / name, tmp / m.role / name)
-            with stage(f"checksum {m.role} files"):
-                files = _file_entries(tmp, m.role)
-            from .graph import GraphIO
-
-            manifest_models[m.role] = _model_manifest(a, m.quant, m.role, files, max_ctx, GraphIO())
-        shutil.copy2(tok_file, tmp / "tokenizer.json")
-        manifest = {
-            "schema": SCHEMA,
-            "schema_version": SCHEMA_VERSION,
-            "name": plan.name or out.name,
-            "models": manifest_models,
-            "tokenizer": {"path": "tokenizer.json", "size": (tmp / "tokenizer.json").stat().st_size,
-                          "sha256": sha256_of(tmp / "tokenizer.json"), **meta},
-            "provenance": {
-                "sources": {m.role: m.source for m in models},
-                "tools": _tool_versions(),
-                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                **plan.extra_provenance,
-            },
-        }
-        if plan.validate:
-            manifest["validation"] = _validate(tmp, manifest, hf)
-        manifest["provenance"]["export_seconds"] = round(time.perf_counter() - t_start, 1)
-        manifest["provenance"]["export_peak_rss_bytes"] = peak_rss_bytes()
-        _write_manifest(tmp, manifest)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    bundle = load_bundle(out, verify="full")
-    print(f"bundle written: {out} in {time.perf_counter() - t_start:.1f}s, peak RSS {fmt_bytes(peak_rss_bytes())}")
-    return bundle
+    manifest_models = {}
+    for m in plan.models:
+        a = arch[m.role]
+        max_ctx = min(a.max_position_embeddings, plan.max_context or a.max_position_embeddings)
+        built = build_graph_cached(hf[m.role], a, m.quant, max_ctx, plan.cache, m.role)
+        for fname in ("model.onnx", "model.onnx.data"):
+            _link_or_copy(built / fname, tmp / m.role / fname)
+        with stage(f"checksum {m.role} files"):
+            files = _file_entries(tmp, m.role)
+        manifest_models[m.role] = _model_manifest(a, m.quant, m.role, files, max_ctx, GraphIO())
+    shutil.copy2(tok_file, tmp / "tokenizer.json")
+    manifest = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "name": plan.name or name,
+        "models": manifest_models,
+        "tokenizer": {"path": "tokenizer.json", "size": (tmp / "tokenizer.json").stat().st_size,
+                      "sha256": sha256_of(tmp / "tokenizer.json"), **meta},
+        "provenance": {
+            "sources": {m.role: m.source for m in plan.models},
+            "tools": _tool_versions(),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            **plan.extra_provenance,
+        },
+    }
+    if plan.validate:
+        manifest["validation"] = _validate(tmp, manifest, hf)
+    manifest["provenance"]["export_seconds"] = round(time.perf_counter() - t_start, 1)
+    manifest["provenance"]["export_peak_rss_bytes"] = peak_rss_bytes()
+    _write_manifest(tmp, manifest)
 
 
 def _write_manifest(folder: Path, manifest: dict) -> None:
@@ -213,18 +268,16 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
 
 def _validate(folder: Path, manifest: dict, hf: dict) -> dict:
     """Golden check and fp32 agreement per model, on the files as they will ship."""
-    from tokenizers import Tokenizer
+    from edge_ssd.bundle import model_entry
 
-    from edge_ssd.bundle import _model_entry
-
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok = load_tokenizer(folder / "tokenizer.json")
 
     def encode(text: str) -> list:
         return tok.encode(text, add_special_tokens=False).ids
 
     report = {}
     for role, m in manifest["models"].items():
-        entry = _model_entry(folder, role, m)
+        entry = model_entry(folder, role, m)
         with stage(f"validate {role} graph (golden check, top-1 agreement vs fp32)"):
             report[role] = validate_model(entry, encode, torch_reference(hf[role]))
         r = report[role]

@@ -14,11 +14,15 @@ from pathlib import Path
 
 from edge_ssd.progress import stage
 
+from .errors import ExportError
 from .registry import CACHE
 
 
-class SourceError(RuntimeError):
-    pass
+GGUF_MAGIC = b"GGUF"
+
+
+class SourceError(ExportError):
+    """A source that cannot be read: missing, not a model folder, not a GGUF file, bad weights."""
 
 
 def _gguf_cache_dir(gguf: Path, cache: Path) -> Path:
@@ -27,8 +31,20 @@ def _gguf_cache_dir(gguf: Path, cache: Path) -> Path:
     return cache / "hf" / f"{gguf.stem}-{key}"
 
 
+def _check_gguf_magic(gguf: Path) -> None:
+    """Refuse a file that is not GGUF before transformers tries it (its error names no file)."""
+    try:
+        with open(gguf, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise SourceError(f"{gguf}: cannot be read: {e.strerror}") from e
+    if magic != GGUF_MAGIC:
+        raise SourceError(f"{gguf}: not a GGUF file (it does not start with {GGUF_MAGIC!r})")
+
+
 def convert_gguf(gguf: Path, cache: Path = CACHE) -> Path:
     """Dequantize a GGUF file into a cached Hugging Face folder (fp32 safetensors + tokenizer)."""
+    _check_gguf_magic(gguf)
     out = _gguf_cache_dir(gguf, cache)
     if (out / "config.json").exists():
         return out
@@ -38,15 +54,24 @@ def convert_gguf(gguf: Path, cache: Path = CACHE) -> Path:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     with stage(f"convert {gguf.name} (GGUF -> Hugging Face, fp32)"):
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32, low_cpu_mem_usage=True
-        )
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32, low_cpu_mem_usage=True
+            )
+        except Exception as e:  # gguf and transformers raise many types for a damaged or unknown file
+            raise SourceError(f"{gguf}: transformers could not read this GGUF file: {e}") from e
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         del model
     os.replace(tmp, out)
     return out
+
+
+def _looks_local(src: str) -> bool:
+    """A path, not a hub id: hub ids are NAME or OWNER/NAME, never relative or with more parts."""
+    return (src.startswith((".", "/", "~")) or "\\" in src or src.count("/") > 1
+            or Path(src).suffix.lower() in (".gguf", ".safetensors", ".bin"))
 
 
 def resolve_source(src: str, cache: Path = CACHE) -> Path:
@@ -60,7 +85,7 @@ def resolve_source(src: str, cache: Path = CACHE) -> Path:
         if not (path / "config.json").exists():
             raise SourceError(f"{src}: folder has no config.json (not a Hugging Face model folder)")
         return path
-    if path.suffix.lower() == ".gguf" or src.startswith((".", "/", "~")):
+    if _looks_local(src):
         raise SourceError(f"{src}: no such file or folder")
     try:
         from huggingface_hub import snapshot_download
@@ -73,4 +98,5 @@ def resolve_source(src: str, cache: Path = CACHE) -> Path:
                 )
             )
     except Exception as e:  # hub errors come in many types; the message is what matters
-        raise SourceError(f"{src}: not a local path, and the hub download failed: {e}") from e
+        raise SourceError(f"{src}: no such file or folder, and as a Hugging Face id it could not be "
+                          f"downloaded: {e}") from e

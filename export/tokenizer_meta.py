@@ -4,11 +4,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .sources import SourceError
 from .validate import read_json
 
 # Tokens that end a turn or a document in the model families we export. They are added to the
 # EOS set only when the tokenizer really has them as special tokens.
 END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|end|>")
+
+
+def load_tokenizer(path: Path):
+    """A `tokenizers` Tokenizer; a file it cannot parse is a SourceError naming the file."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for any file it cannot parse
+        raise SourceError(f"{path}: not a usable tokenizer file ({e})") from e
 
 
 def ensure_tokenizer_json(hf_dir: Path) -> Path:
@@ -18,10 +29,12 @@ def ensure_tokenizer_json(hf_dir: Path) -> Path:
         return tj
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(hf_dir), use_fast=True)
-    out = hf_dir / "tokenizer.json"
-    tok.backend_tokenizer.save(str(out))
-    return out
+    try:
+        tok = AutoTokenizer.from_pretrained(str(hf_dir), use_fast=True)
+    except Exception as e:  # transformers raises many types for a missing or unreadable tokenizer
+        raise SourceError(f"{hf_dir}: no tokenizer.json, and transformers could not build one ({e})") from e
+    tok.backend_tokenizer.save(str(tj))
+    return tj
 
 
 def _token_ids(value) -> list:
@@ -36,9 +49,7 @@ def _token_text(value):
 
 def tokenizer_meta(hf_dir: Path) -> dict:
     """EOS ids, BOS, special tokens and chat template for the manifest."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(ensure_tokenizer_json(hf_dir)))
+    tok = load_tokenizer(ensure_tokenizer_json(hf_dir))
     cfg = read_json(hf_dir / "tokenizer_config.json")
     gen = read_json(hf_dir / "generation_config.json")
     model_cfg = read_json(hf_dir / "config.json")

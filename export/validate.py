@@ -20,6 +20,8 @@ import numpy as np
 from edge_ssd.bundle import ModelEntry
 from edge_ssd.model import OnnxLM
 
+from .errors import ExportError
+
 log = logging.getLogger("edge_ssd.export")
 
 # Max |logit difference| allowed between K+1-at-once and one-at-a-time evaluation. fp32 kernels
@@ -36,15 +38,15 @@ PROMPTS = (
 )
 
 
-class ValidationError(ValueError):
-    pass
+class ValidationError(ExportError, ValueError):
+    """The exported graph or the pair fails a check the bundle must pass."""
 
 
 def check_tokenizers(draft_file: Path, target_file: Path) -> int:
     """Refuse a pair whose tokenizers differ over the shared id range; return that range's size."""
-    from tokenizers import Tokenizer
+    from .tokenizer_meta import load_tokenizer  # it imports this module: import at call time
 
-    a, b = Tokenizer.from_file(str(draft_file)), Tokenizer.from_file(str(target_file))
+    a, b = load_tokenizer(draft_file), load_tokenizer(target_file)
     va = {i: t for t, i in a.get_vocab(with_added_tokens=True).items()}
     vb = {i: t for t, i in b.get_vocab(with_added_tokens=True).items()}
     shared = min(max(va) + 1, max(vb) + 1)

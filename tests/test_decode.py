@@ -7,6 +7,7 @@ import pytest
 from edge_ssd.decode import DecodeConfig, decode
 from edge_ssd.drafters import ModelDrafter
 from edge_ssd.errors import RequestError
+from edge_ssd.request import Request
 from edge_ssd.model import OnnxLM
 from edge_ssd.stats import Stats
 
@@ -93,7 +94,7 @@ def test_prompt_over_the_context_is_refused_up_front(fp32_bundle):
 @pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(k=-1), dict(k=99), dict(max_new_tokens=1.5)])
 def test_bad_decode_parameters(bad):
     with pytest.raises(RequestError):
-        DecodeConfig(**bad)
+        Request(**bad)
 
 
 def test_ngram_and_auto_drafters_are_lossless(fp32_bundle):
@@ -108,8 +109,8 @@ def test_ngram_and_auto_drafters_are_lossless(fp32_bundle):
     used = set()
     for prompt in PROMPTS + [repetitive]:
         ar, _ = run(target, None, prompt, max_new_tokens=40)
-        for d, k in ((NgramDrafter(), 4), (AutoDrafter(ModelDrafter(draft, 300), NgramDrafter()), None),
-                     (AutoDrafter(None, NgramDrafter()), None)):
+        for d, k in ((NgramDrafter(), 4), (AutoDrafter(ModelDrafter(draft, 300), [NgramDrafter()]), None),
+                     (AutoDrafter(None, [NgramDrafter()]), None)):
             stats = Stats("spec")
             cfg = DecodeConfig(max_new_tokens=40, k=k)
             spec = [t for chunk in decode(target, d, prompt, cfg, stats, costs) for t in chunk]

@@ -8,7 +8,8 @@ import pytest
 
 from edge_ssd.api import Engine
 from edge_ssd.errors import MemoryBudgetError
-from edge_ssd.governor import Governor, Reading, parse_size
+from edge_ssd.governor import Governor
+from edge_ssd.memory import Reading, parse_size
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -48,7 +49,7 @@ def test_plan_fits_caps_drops_and_refuses():
 
 
 def test_cgroup_limit_is_seen(tmp_path):
-    from edge_ssd.governor import cgroup_headroom
+    from edge_ssd.memory import cgroup_headroom
 
     (tmp_path / "max").write_text("2147483648\n")
     (tmp_path / "cur").write_text("536870912\n")

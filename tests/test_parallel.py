@@ -13,7 +13,7 @@ from edge_ssd.api import Engine, EngineOptions, placement
 from edge_ssd.costs import StepCosts
 from edge_ssd.decode import DecodeConfig, decode
 from edge_ssd.drafters import AutoDrafter, ModelDrafter, NgramDrafter
-from edge_ssd.governor import Reading
+from edge_ssd.memory import Reading
 from edge_ssd.model import OnnxLM
 from edge_ssd.parallel import ParallelDrafter
 from edge_ssd.sampling import SamplingParams
@@ -87,7 +87,7 @@ def test_parallel_with_auto_k_ngram_and_plain_rounds(fp32_bundle, target, pool):
 
     costs = StepCosts(draft_step=0.004, verify={1: 0.010, 2: 0.012, 3: 0.014, 5: 0.018, 9: 0.026})
     par = parallel(fp32_bundle.draft, pool, fanout=3, wait_all=True)
-    auto = AutoDrafter(par, NgramDrafter(), {})
+    auto = AutoDrafter(par, [NgramDrafter()], {})
     sources, ks = set(), []
     for prompt in PROMPTS + [[5, 6, 7, 8] * 6]:
         ar, _ = run(target, None, prompt, max_new_tokens=50)
@@ -224,6 +224,9 @@ class PressureAt:
 
     def __init__(self, at: int):
         self.k_cap, self.fanout_cap, self.n, self.at = 2, None, 0, at
+
+    def prefill_chunk(self, bytes_per_token):
+        return 1 << 20  # the whole prompt at once
 
     def check(self, k, have_draft, fanout=0):
         self.n += 1

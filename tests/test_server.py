@@ -24,20 +24,24 @@ psutil = pytest.importorskip("psutil")
 
 from edge_ssd.api import Engine  # noqa: E402
 from edge_ssd.server import ServeOptions, build_app  # noqa: E402
+from edge_ssd.server.net import server_config  # noqa: E402
 
 HOST = "127.0.0.1"
 MSGS = [{"role": "user", "content": "Write a function that adds two numbers."}]
 LONG_PROMPT = "def add"  # with the tiny pair, greedy runs to any max_tokens (no early EOS)
+JSON = {"content-type": "application/json"}
 
 
 class Live:
-    """uvicorn serving `app` on a free loopback port, in a daemon thread."""
+    """uvicorn serving `app` on a free loopback port, in a daemon thread, with the settings
+    `edge-ssd serve` uses (its limits included); `config` overrides some."""
 
     def __init__(self, app, **config):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind((HOST, 0))
         self.port = self.sock.getsockname()[1]
-        cfg = uvicorn.Config(app, log_level="warning", lifespan="on", **config)
+        srv = getattr(app.state, "edge_ssd", None)  # a scripted app (tests/test_web.py) has no EdgeServer
+        cfg = server_config(app, srv.options if srv is not None else ServeOptions(), **config)
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.url = f"http://{HOST}:{self.port}"
@@ -201,9 +205,10 @@ def test_openai_client_chat_completion_and_streaming(live, engine):
 def test_bad_requests_get_openai_errors(live):
     url = live.url + "/v1/chat/completions"
     post = lambda body, **kw: httpx.post(url, json=body, timeout=30, **kw)  # noqa: E731
-    assert_error(httpx.post(url, content=b'{"messages": [', timeout=30), 400)
-    assert_error(httpx.post(url, content=b"\xff\xfe", timeout=30), 400)
-    assert_error(httpx.post(url, content=b'{"messages": NaN}', timeout=30), 400)
+    post_raw = lambda content: httpx.post(url, content=content, headers=JSON, timeout=30)  # noqa: E731
+    assert_error(post_raw(b'{"messages": ['), 400)
+    assert_error(post_raw(b"\xff\xfe"), 400)
+    assert_error(post_raw(b'{"messages": NaN}'), 400)
     assert_error(post([1, 2]), 400)
     assert_error(post({"messages": "hi"}), 400, "messages")
     assert_error(post({"messages": [{"role": "robot", "content": "hi"}]}), 400, "messages")
@@ -226,9 +231,8 @@ def test_bad_requests_get_openai_errors(live):
     assert e.value.status_code == 400 and "temperature" in str(e.value)
     # size limits: 413 for a body over 1 MiB, announced or chunked
     big = json.dumps({"messages": [{"role": "user", "content": "x" * (2 << 20)}]}).encode()
-    assert_error(httpx.post(url, content=big, timeout=30), 413)
-    assert_error(httpx.post(url, content=iter([big[i:i + 65536] for i in range(0, len(big), 65536)]),
-                            timeout=30), 413)
+    assert_error(post_raw(big), 413)
+    assert_error(post_raw(iter([big[i:i + 65536] for i in range(0, len(big), 65536)])), 413)
     # routes and methods
     assert_error(httpx.get(url, timeout=30), 405)
     assert_error(httpx.get(live.url + "/v1/nothing", timeout=30), 404, type_="not_found_error")
@@ -386,7 +390,7 @@ def test_queued_request_waits_and_leaves_when_client_goes(engine):
         assert m["edge_ssd_queue_depth"] == 0 and m["edge_ssd_requests_running"] == 0
 
 
-def test_graceful_shutdown_finishes_or_stops_in_flight_work(engine):
+def test_graceful_shutdown_finishes_or_stops_in_flight_work(engine, capfd):
     # SIGTERM with time to spare: the streamed request in flight runs to [DONE]
     slow = SlowEngine(engine, delay=0.02)
     with Live(build_app(slow, ServeOptions()), timeout_graceful_shutdown=10) as s:
@@ -402,21 +406,34 @@ def test_graceful_shutdown_finishes_or_stops_in_flight_work(engine):
         assert rest[-1] is None and rest[-2]["usage"]["completion_tokens"] == 40
         assert slow.completed == 1 and slow.closed_early == []
 
-    # a deadline shorter than the request: the generation is cancelled and its thread stops
+    # a deadline shorter than the request: the stream ends with an error event and [DONE], the
+    # queued request gets a JSON 503, the generation stops, and the log has no traceback
     slow = SlowEngine(engine, delay=0.05)
-    with Live(build_app(slow, ServeOptions()), timeout_graceful_shutdown=0.5) as s:
+    capfd.readouterr()
+    with Live(build_app(slow, ServeOptions(queue=2)), timeout_graceful_shutdown=0.5) as s:
+        queued: dict = {}
+        waiter = threading.Thread(target=lambda: queued.setdefault("r", httpx.post(
+            s.url + "/v1/chat/completions", json={"messages": MSGS, "max_tokens": 2}, timeout=10)))
         with httpx.Client(base_url=s.url, timeout=5) as c, c.stream(
                 "POST", "/v1/completions", json={"prompt": LONG_PROMPT, "max_tokens": 200, "stream": True}) as r:
             events = sse(r)
             next(events)
+            waiter.start()
+            assert wait_for(lambda: s.metrics()["edge_ssd_queue_depth"] == 1, timeout=5)
             t0 = time.monotonic()
             stopper = threading.Thread(target=s.stop)
             stopper.start()
-            with pytest.raises(httpx.HTTPError):
-                list(events)  # the connection closes before [DONE]
+            rest = list(events)
         stopper.join(20)
+        waiter.join(20)
         assert not s.thread.is_alive() and time.monotonic() - t0 < 4
+        assert rest[-1] is None and rest[-2]["error"]["code"] == "server_shutting_down", rest[-3:]
+        assert all(e["choices"][0]["finish_reason"] is None for e in rest[:-2])
+        err = assert_error(queued["r"], 503, type_="server_error")
+        assert err["code"] == "server_shutting_down"
         assert wait_for(lambda: len(slow.closed_early) == 1, timeout=3) and slow.completed == 0
+    log = capfd.readouterr().err
+    assert "Traceback" not in log and "Exception in ASGI" not in log, log
     # the engine is free for the next user
     assert engine.generate("hi", max_new_tokens=2).stats["new_tokens"] >= 1
 

@@ -1,21 +1,36 @@
 #!/usr/bin/env python3
-"""Render an `edge-ssd bench --json` file as a Markdown table per category.
+"""Render an `edge-ssd bench --json` file as a Markdown table per category (and as charts).
 
-    python tools/bench_report.py bench.json [--baseline ar]
+    python tools/bench_report.py bench.json [--baseline ar] [--chart OUT.png]
+
+--chart writes OUT.png (tokens/s, speed-up, acceptance per category) and OUT-drafts.png
+(acceptance by draft position, K per round); it needs the charts extra (matplotlib).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+from edge_ssd.errors import EdgeSSDError
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", type=Path)
     ap.add_argument("--baseline", default="ar")
+    ap.add_argument("--chart", type=Path, help="also write the charts: OUT.png and OUT-drafts.png")
     args = ap.parse_args()
     d = json.loads(args.json.read_text())
+    if args.chart:
+        from edge_ssd.charts import render
+
+        try:
+            for path in render(d, args.chart, args.baseline):
+                print(f"wrote {path}", file=sys.stderr)
+        except EdgeSSDError as e:
+            raise SystemExit(f"error: {e}") from None
     modes, table = d["modes"], d["summary"]
     others = [m for m in modes if m != args.baseline]
     head = ["category", "n", f"{args.baseline} tok/s"] + [f"{m} tok/s (x, acc, len)" for m in others]

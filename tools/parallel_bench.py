@@ -38,8 +38,9 @@ from edge_ssd.api import Engine
 from edge_ssd.bench import print_table, read_prompts, summarize
 from edge_ssd.decode import DecodeConfig, decode
 from edge_ssd.drafters import ModelDrafter
+from edge_ssd.memory import peak_rss_bytes
 from edge_ssd.parallel import ParallelDrafter
-from edge_ssd.progress import Bar, peak_rss_bytes
+from edge_ssd.progress import Bar
 from edge_ssd.stats import Stats
 from edge_ssd.text import build_prompt
 

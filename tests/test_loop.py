@@ -1,0 +1,238 @@
+"""The decoding loop, drafters, policy and speculation cache on scripted models: no torch, no
+ONNX, milliseconds per case, so every path can be driven from a table."""
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fake_lm import FakeLM  # noqa: E402
+
+from edge_ssd.costs import StepCosts  # noqa: E402
+from edge_ssd.decode import DecodeConfig, decode  # noqa: E402
+from edge_ssd.drafters import AutoDrafter, Drafter, DraftRound, ModelDrafter, NgramDrafter  # noqa: E402
+from edge_ssd.enums import FinishReason  # noqa: E402
+from edge_ssd.parallel import ParallelDrafter  # noqa: E402
+from edge_ssd.policy import DecayedRate, SpecPolicy, best_length, expected_tokens  # noqa: E402
+from edge_ssd.sampling import SamplingParams  # noqa: E402
+from edge_ssd.stats import Stats  # noqa: E402
+
+PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
+POOL = ThreadPoolExecutor(max_workers=1)
+
+
+def costs(draft: float = 0.004, decode1: float = 0.020, row: float = 0.004) -> StepCosts:
+    """A CPU-like cost model: verification rows add compute to a bandwidth-bound step."""
+    return StepCosts(draft, {r: decode1 + row * (r - 1) for r in (1, 2, 3, 5, 9)})
+
+
+def make_drafter(kind: str, target: FakeLM, agreement: float) -> Drafter:
+    draft = FakeLM(target.vocab, target.max_context, seed=5, agree_with=target, agreement=agreement)
+    model = ModelDrafter(draft, target.vocab)
+    if kind == "model":
+        return model
+    if kind == "ngram":
+        return AutoDrafter(None, [NgramDrafter()])
+    if kind == "auto":
+        return AutoDrafter(model, [NgramDrafter()])
+    fanout = int(kind.split("/")[1])  # "parallel/F"
+    return ParallelDrafter(model, POOL, fanout, wait_all=True)
+
+
+def run(target: FakeLM, drafter, n: int = 120, k=None, sp: SamplingParams = SamplingParams(),
+        step_costs: StepCosts = None, prompt=PROMPT) -> tuple:
+    stats = Stats("spec" if drafter else "ar")
+    cfg = DecodeConfig(max_new_tokens=n, k=k, sampling=sp)
+    out = [t for chunk in decode(target, drafter, list(prompt), cfg, stats, step_costs or costs()) for t in chunk]
+    return out, stats
+
+
+@pytest.mark.parametrize("kind", ["model", "ngram", "auto", "parallel/0", "parallel/1", "parallel/4"])
+@pytest.mark.parametrize("agreement", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("k", [None, 1, 4])
+def test_greedy_speculation_is_the_targets_own_output(kind, agreement, k):
+    target = FakeLM()
+    want, _ = run(FakeLM(), None)
+    got, stats = run(target, make_drafter(kind, target, agreement), k=k)
+    assert got == want
+    assert stats.new_tokens == 120 and stats.finish_reason == FinishReason.LENGTH
+
+
+@pytest.mark.parametrize("agreement", [0.2, 0.5, 0.8])
+def test_acceptance_measures_the_drafts_agreement(agreement):
+    """K=1 rounds test one token each: the accepted share is the draft's agreement rate."""
+    target = FakeLM(max_context=2048)
+    _, stats = run(target, make_drafter("model", target, agreement), n=1500, k=1)
+    assert stats.drafted > 600
+    assert abs(stats.acceptance_rate - agreement) < 0.08, stats.acceptance_rate
+
+
+@pytest.mark.parametrize("agreement,draft_step,expect", [
+    (1.0, 0.002, "deep"),    # a cheap draft that is always right: draft as far as allowed
+    (0.0, 0.015, "plain"),   # an expensive draft that is always wrong: plain steps, with probes
+    (0.6, 0.004, "shallow"),  # 0.6 per token at 4 ms a step and 4 ms a row: K = 1 is the optimum
+])
+def test_auto_k_follows_costs_and_acceptance(agreement, draft_step, expect):
+    target = FakeLM(max_context=1024)
+    _, stats = run(target, make_drafter("model", target, agreement), n=400, step_costs=costs(draft=draft_step))
+    late = stats.k_chosen[len(stats.k_chosen) // 2:]
+    mean_k, plain = np.mean(late), np.mean([k == 0 for k in late])
+    if expect == "deep":
+        assert mean_k >= 6, mean_k
+    elif expect == "plain":
+        assert plain > 0.8 and 0 < sum(k > 0 for k in late), (plain, late)
+    else:
+        assert 0.8 <= mean_k <= 2 and plain < 0.2, (mean_k, plain)
+
+
+def test_eos_and_context_end_a_request():
+    target = FakeLM(max_context=40)
+    out, stats = run(target, make_drafter("model", target, 1.0), n=100)
+    # the cache holds every token but the last, which no forward has seen yet
+    assert stats.finish_reason == FinishReason.CONTEXT and len(PROMPT) + len(out) == 40 + 1
+    want, _ = run(FakeLM(), None, n=10)
+    stats = Stats("spec")
+    cfg = DecodeConfig(max_new_tokens=100, k=4, eos_ids=frozenset({want[5]}))
+    target = FakeLM()
+    out = [t for c in decode(target, make_drafter("model", target, 1.0), PROMPT, cfg, stats, costs()) for t in c]
+    assert out == want[:want.index(want[5])] and stats.finish_reason == FinishReason.STOP
+
+
+@pytest.mark.parametrize("agreement,runner_up,fanout,expect", [
+    (1.0, True, 1, "hits"),            # all accepted: PEARL's branch is always right
+    (0.0, True, 4, "rejection_hits"),  # every first token rejected, the target's token is the runner-up
+    (0.0, False, 4, "misses"),         # the target's token is nowhere among the draft's guesses
+])
+def test_speculation_cache_hit_partial_hit_and_miss(agreement, runner_up, fanout, expect):
+    target = FakeLM(vocab=512)
+    draft = FakeLM(512, seed=5, agree_with=target, agreement=agreement, runner_up=runner_up)
+    par = ParallelDrafter(ModelDrafter(draft, 512), POOL, fanout, wait_all=True)
+    want, _ = run(FakeLM(vocab=512), None, n=80)
+    got, stats = run(target, par, n=80, k=3)
+    assert got == want
+    p = stats.parallel
+    assert p["rounds"] > 10
+    if expect == "hits":
+        assert p["hit_rate"] > 0.9 and p["rejection_hits"] == 0, p
+    elif expect == "rejection_hits":
+        assert p["rejection_hits"] > 0.5 * p["rounds"], p
+    else:
+        assert p["misses"] > 0.9 * p["rounds"] and p["hits"] == 0, p
+
+
+def test_drafter_hooks_are_declared_on_the_interface():
+    """The loop calls every hook unconditionally: each concrete drafter must provide them."""
+    for d in (ModelDrafter(FakeLM(), 64), NgramDrafter(), AutoDrafter(None, [NgramDrafter()])):
+        assert d.concurrent is False and d.fanout == 0 and d.draft_share == 1.0 and d.parallel_stats() == {}
+        d.overlap([1], None, None)
+    par = ParallelDrafter(ModelDrafter(FakeLM(), 64), POOL, 3)
+    auto = AutoDrafter(par, [NgramDrafter()])
+    assert par.concurrent and auto.concurrent and auto.fanout == par.fanout == 3
+
+
+def test_draft_round_limits():
+    rnd = DraftRound(room=5, k_limit=8, sampling=SamplingParams(), rng=np.random.default_rng(0))
+    assert rnd.k == 5 and rnd.after(3).k == 2 and rnd.after(9).k == 0
+    assert DraftRound(room=9, k_limit=3, sampling=SamplingParams(), rng=None).k == 3
+
+
+@pytest.mark.parametrize("accept,want", [([], 1.0), ([1.0, 1.0], 3.0), ([0.5], 1.5), ([0.5, 0.5], 1.75)])
+def test_expected_tokens(accept, want):
+    assert expected_tokens(accept) == pytest.approx(want)
+
+
+def test_best_length_prefers_the_shortest_tie_and_pays_for_rows():
+    flat = lambda n: 1.0  # noqa: E731 - rows are free: the longest proposal wins
+    assert best_length(0.9, range(0, 5), flat)[0] == 4
+    assert best_length(0.0, range(0, 5), flat)[0] == 0
+    steep = lambda n: 1.0 + n  # noqa: E731 - each row costs a whole step: never worth it below 1.0
+    assert best_length(0.9, range(0, 5), steep)[0] == 0
+
+
+def test_decayed_rate_forgets_and_carries_a_bounded_prior():
+    r = DecayedRate(1.0, 2.0, decay=0.5)
+    for _ in range(20):
+        r.observe(1.0, 1.0)
+    assert r.value == pytest.approx(1.0, abs=1e-3)
+    hits, seen = r.carried(1.0)
+    assert seen == pytest.approx(1.0) and hits / seen == pytest.approx(r.value)
+
+
+def test_policy_probes_after_declined_rounds():
+    pol = SpecPolicy(costs(draft=0.05), None, 0, 8)
+    pol.rate = DecayedRate(0.0, 10.0)  # nothing accepted lately: the model never pays
+    assert not pol.model_round_pays()
+    for _ in range(8):
+        pol.note_model_round(ran=False)
+    assert pol.model_round_pays()
+    pol.note_model_round(ran=True)
+    assert not pol.model_round_pays()
+
+
+# -- model-free drafting: predictions and the suffix cache ------------------------------------
+from edge_ssd.lookup import KEY, PredictionDrafter, SuffixCacheDrafter, TokenStore  # noqa: E402
+
+
+@pytest.mark.parametrize("docs,seq,want", [
+    ([[1, 2, 3, 4, 5, 6]], [9, 1, 2, 3], [4, 5, 6]),                   # one match: its continuation
+    ([[1, 2, 3, 4, 5], [1, 2, 3, 4, 7], [1, 2, 3, 4, 5]], [1, 2, 3], [4, 5]),  # majority per position
+    ([[1, 2, 3, 4], [1, 2, 3, 5]], [1, 2, 3], []),                      # a split vote: no proposal
+    ([[8, 1, 2, 3, 4], [9, 1, 2, 3, 5]], [9, 1, 2, 3], [5]),            # the longer suffix decides
+    ([[1, 2, 3]], [1, 2, 3], []),                                        # nothing followed it
+])
+def test_token_store_votes_on_continuations(docs, seq, want):
+    store = TokenStore(capacity=64)
+    for d in docs:
+        store.add(d)
+    assert store.vote(store.matches(seq), 8) == want
+
+
+def test_token_store_stays_within_its_capacity():
+    store = TokenStore(capacity=256)
+    for i in range(100):
+        store.add([1000 + i, 2000 + i, 3000 + i, 4000 + i, 5000 + i])
+    assert store.n <= 256 and sum(len(v) for v in store.index.values()) <= 256
+    assert store.vote(store.matches([1099, 2099, 3099]), 2) == [4099, 5099]   # the newest is kept
+    assert store.vote(store.matches([1000, 2000, 3000]), 2) == []             # the oldest is gone
+
+
+def rnd(k: int = 8) -> DraftRound:
+    return DraftRound(room=k, k_limit=k, sampling=SamplingParams(), rng=np.random.default_rng(0))
+
+
+def test_prediction_starts_at_its_head_and_realigns_after_an_edit():
+    pred = [10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
+    d = PredictionDrafter(pred)
+    d.start([1, 2])
+    assert d.propose([1, 2], rnd(4)).tokens == [10, 11, 12, 13]
+    # the output replaced 13 with 99, then went on as predicted: the drafter finds its place again
+    seq = [1, 2, 10, 11, 12, 99, 14, 15, 16]
+    assert d.propose(seq, rnd(3)).tokens == [17, 18, 19]
+
+
+@pytest.mark.parametrize("edit", [None, 20, 45])
+def test_a_prediction_drafts_the_output_losslessly(edit):
+    want, _ = run(FakeLM(), None, n=80)
+    pred = list(want)
+    if edit is not None:
+        pred[edit] = (pred[edit] + 1) % 64  # the output is not quite what was predicted
+    target = FakeLM()
+    got, stats = run(target, AutoDrafter(None, [PredictionDrafter(pred), NgramDrafter()]), n=80)
+    assert got == want
+    p = stats.sources["prediction"]
+    assert p[2] > 0.8 * 80 - 10, stats.sources   # most tokens came from the prediction
+
+
+def test_the_suffix_cache_drafts_a_repeated_request():
+    store = TokenStore()
+    want, _ = run(FakeLM(), None, n=60)
+    store.add(want)
+    target = FakeLM()
+    got, stats = run(target, AutoDrafter(None, [SuffixCacheDrafter(store)]), n=60)
+    assert got == want and stats.sources["suffix"][2] > 40
+    assert KEY >= 2

@@ -228,3 +228,19 @@ def test_op_profile_groups_a_trace():
     assert g["layers: q/k/v (MatMulNBits)"]["ms"] == pytest.approx(1.0)
     assert g["between kernels (ORT)"]["ms"] == pytest.approx(5.0 - 4.65)
     assert g["rest (elementwise, split, slice)"]["nodes"] == 1
+
+
+def test_peer_bench_alternates_engines_and_flags_noise():
+    import io
+
+    pb = _tool("peer_bench")
+    names = ["ar", "spec", "llama.cpp/plain", "llama.cpp/draft-simple", "llama.cpp/ngram-mod"]
+    assert pb.run_order(names, False) == ["llama.cpp/plain", "ar", "llama.cpp/draft-simple", "spec",
+                                          "llama.cpp/ngram-mod"]
+    assert pb.run_order(names, True) == pb.run_order(names, False)[::-1]
+    out = {"machine": {"cpu": "x", "cores": 2, "simd": [], "onnxruntime": "1"}, "llama_cpp": "v", "max_new_tokens": 8,
+           "threads": 2, "date": "d", "modes": ["ar"], "peer_modes": [], "summary": {}}
+    for share, flagged in ((0.01, False), (0.2, True)):
+        text = io.StringIO()
+        pb.report(dict(out, others_cpu_share=share), text)
+        assert ("NOT A COMPARISON" in text.getvalue()) == flagged

@@ -177,6 +177,8 @@ def _fake_llama(folder, plain_ms, spec_s):
 
 
 def test_peer_bench_end_to_end_with_a_fake_llama_cpp(fp32_bundle, tmp_path):
+    from pathlib import Path
+
     pb = _tool("peer_bench")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps(r) for r in [
@@ -204,6 +206,9 @@ def test_peer_bench_end_to_end_with_a_fake_llama_cpp(fp32_bundle, tmp_path):
     assert all(r["identical"]["spec"] for r in res["results"])          # fp32: spec = ar
     md = out.with_suffix(".md").read_text()
     assert "**coding** (1 prompts)" in md and "| llama.cpp/plain | 50.0 | " in md and "x best llama.cpp" in md
+    report = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "tools" / "bench_report.py"), str(out)],
+                            capture_output=True, text=True, timeout=120)   # and the bench JSON readers take it
+    assert report.returncode == 0 and "llama.cpp/plain tok/s" in report.stdout, report.stderr
 
 
 def test_step_costs_rows_spec():

@@ -39,6 +39,7 @@ from typing import Optional
 
 from edge_ssd.bench import cpu_clock, others_cpu_share, parse_mode, print_category_tables, read_prompts, summarize
 from edge_ssd.errors import EdgeSSDError
+from edge_ssd.progress import peak_rss_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 PEER_PREFIX = "llama.cpp/"
@@ -284,7 +285,8 @@ def run(args, log) -> dict:
             "llama_cpp": peer_version(args.llama_bin) if peers else None,
             "bundle": str(args.bundle), "target_gguf": str(args.target_gguf), "draft_gguf": str(args.draft_gguf),
             "modes": names, "peer_modes": peers, "max_new_tokens": args.max_new_tokens, "threads": args.threads,
-            "costs": engine.costs.to_json(), "summary": table, "results": results}
+            "costs": engine.costs.to_json(), "summary": table, "results": results,
+            "peak_rss_bytes": peak_rss_bytes()}   # edge-ssd's process, as `edge-ssd bench --json` has it
 
 
 def report(out: dict, stream=sys.stdout, markdown: bool = False) -> None:

@@ -29,7 +29,7 @@ from .output import begin, check_destination, check_not_source, clean_stale, com
 from .registry import CACHE
 from .sources import SourceError, resolve_source
 from .tokenizer_meta import ensure_tokenizer_json, load_tokenizer, tokenizer_meta
-from .validate import check_tokenizers, torch_reference, validate_model
+from .validate import check_tokenizers, choose_reference, validate_model
 from .weights import open_weights
 
 MIN_CONTEXT = 128  # the golden and agreement checks feed prompts of up to about a hundred tokens
@@ -253,7 +253,7 @@ def _write_bundle(tmp: Path, plan: ExportPlan, hf: dict, arch: dict, name: str, 
         },
     }
     if plan.validate:
-        manifest["validation"] = _validate(tmp, manifest, hf)
+        manifest["validation"] = _validate(tmp, manifest, hf, arch)
     manifest["provenance"]["export_seconds"] = round(time.perf_counter() - t_start, 1)
     manifest["provenance"]["export_peak_rss_bytes"] = peak_rss_bytes()
     _write_manifest(tmp, manifest)
@@ -268,7 +268,7 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _validate(folder: Path, manifest: dict, hf: dict) -> dict:
+def _validate(folder: Path, manifest: dict, hf: dict, arch: dict) -> dict:
     """Golden check and fp32 agreement per model, on the files as they will ship."""
     from edge_ssd.bundle import model_entry
 
@@ -281,10 +281,11 @@ def _validate(folder: Path, manifest: dict, hf: dict) -> dict:
     for role, m in manifest["models"].items():
         entry = model_entry(folder, role, m)
         with stage(f"validate {role} graph (golden check, top-1 agreement vs fp32)"):
-            report[role] = validate_model(entry, encode, torch_reference(hf[role]))
+            reference, name = choose_reference(hf[role], arch[role])
+            report[role] = validate_model(entry, encode, reference, reference_name=name)
         r = report[role]
         agree = r.get("top1_agreement_vs_fp32")
         print(f"    {role}: K+1-vs-one-at-a-time max |diff| {r['golden_max_abs_diff']:.3g}"
-              + (f", top-1 agreement vs fp32 {agree:.1%}" if agree is not None else "")
+              + (f", top-1 agreement vs fp32 ({r['reference']}) {agree:.1%}" if agree is not None else "")
               + f", rows invariant for >= 2 rows (--exact possible): {r['rows_invariant']}")
     return report

@@ -102,6 +102,11 @@ class _Cursor:
         self.pos += struct.calcsize(fmt)
         return v
 
+    def skip_strings(self, count: int) -> None:
+        for _ in range(count):
+            n = self.scalar("Q")  # read first: `self.pos += self.scalar(...)` adds to the old pos
+            self.pos += n
+
     def string(self) -> str:
         n = self.scalar("Q")
         raw = self.buf[self.pos:self.pos + n]
@@ -126,7 +131,8 @@ def _value_formats() -> dict:
             V.FLOAT32: "f", V.BOOL: "?", V.UINT64: "Q", V.INT64: "q", V.FLOAT64: "d"}
 
 
-def _value(cur: _Cursor, vtype: int, formats: dict):
+def _value(cur: _Cursor, vtype: int, formats: dict, strings: bool = True):
+    """One metadata value; with strings=False an array of strings is skipped (None)."""
     from gguf import GGUFValueType as V
 
     if vtype == V.STRING:
@@ -135,24 +141,28 @@ def _value(cur: _Cursor, vtype: int, formats: dict):
         etype, count = cur.scalar("I"), cur.scalar("Q")
         if etype in formats and etype != V.BOOL:
             return cur.array(np.dtype("<" + formats[etype]), count).tolist()
+        if etype == V.STRING and not strings:
+            return cur.skip_strings(count)
         return [_value(cur, etype, formats) for _ in range(count)]
     if vtype not in formats:
         raise SourceError(f"{cur.path}: unknown GGUF value type {vtype}")
     return cur.scalar(formats[vtype])
 
 
-def read_header(path: Path) -> GGUFHeader:
-    """Metadata and tensor table of a GGUF (v2/v3, little-endian) file; tensors are not read."""
+def read_header(path: Path, vocabulary: bool = True) -> GGUFHeader:
+    """Metadata and tensor table of a GGUF (v2/v3, little-endian) file; tensors are not read.
+    vocabulary=False skips string arrays (tokens, merges: 300k strings), which reading
+    weights does not need."""
     from gguf import GGML_QUANT_SIZES
 
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _parse(_Cursor(buf, path), path, GGML_QUANT_SIZES)
+            return _parse(_Cursor(buf, path), path, GGML_QUANT_SIZES, vocabulary)
     except (OSError, ValueError) as e:  # mmap of an empty file raises ValueError
         raise SourceError(f"{path}: cannot be read as GGUF ({e})") from e
 
 
-def _parse(cur: _Cursor, path: Path, quant_sizes: dict) -> GGUFHeader:
+def _parse(cur: _Cursor, path: Path, quant_sizes: dict, vocabulary: bool) -> GGUFHeader:
     if bytes(cur.buf[:4]) != GGUF_MAGIC:
         raise SourceError(f"{path}: not a GGUF file (it does not start with {GGUF_MAGIC!r})")
     cur.pos = 4
@@ -164,7 +174,7 @@ def _parse(cur: _Cursor, path: Path, quant_sizes: dict) -> GGUFHeader:
     metadata = {}
     for _ in range(n_kv):
         key = cur.string()
-        metadata[key] = _value(cur, cur.scalar("I"), formats)
+        metadata[key] = _value(cur, cur.scalar("I"), formats, vocabulary)
     table = []
     for _ in range(n_tensors):
         name = cur.string()
@@ -200,7 +210,11 @@ def _dequantizer(qtype: int):
     raise UnsupportedGGUF(f"the gguf package cannot dequantize GGML type {qtype}")
 
 
-DEQUANT_ROWS = 256  # rows per gguf.quants call: its own 16-row groups ran 7x slower here
+# Values per gguf.quants call: its intermediates then stay in cache. Measured on the 1.5B
+# target's Q4_K/Q6_K tensors: ~2.5 ns per value at 64k; 3-4x slower at 4M (a whole layer
+# tensor) and with gguf.quants.dequantize's own 16-row groups; and chunks bound the memory
+# of the intermediates (a whole 151,936-row LM head peaked at 2.7 GB).
+DEQUANT_CHUNK = 1 << 16
 
 
 def read_tensor(header: GGUFHeader, name: str) -> np.ndarray:
@@ -221,8 +235,9 @@ def read_tensor(header: GGUFHeader, name: str) -> np.ndarray:
     rows = raw.reshape(-1, t.n_bytes // max(1, int(np.prod(t.shape[:-1]))))
     quant = _dequantizer(t.qtype)
     out = np.empty((rows.shape[0], t.shape[-1]), dtype=np.float32)
-    for i in range(0, rows.shape[0], DEQUANT_ROWS):
-        out[i:i + DEQUANT_ROWS] = quant.dequantize_rows(rows[i:i + DEQUANT_ROWS])
+    step = max(1, DEQUANT_CHUNK // t.shape[-1])
+    for i in range(0, rows.shape[0], step):
+        out[i:i + step] = quant.dequantize_rows(rows[i:i + step])
     return out.reshape(t.shape)
 
 
@@ -245,7 +260,7 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def open_gguf_weights(path: Path) -> Weights:
     """weight(hf_name) -> fp32 array in Hugging Face layout, dequantized on demand."""
-    header = read_header(path)
+    header = read_header(path, vocabulary=False)
     arch = _arch_name(header)
     _, permuted = ARCHITECTURES[arch]
     md = header.metadata

@@ -36,7 +36,9 @@ def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
-def _attention(x: np.ndarray, w: dict, arch: Arch, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+def _attention(x: np.ndarray, w: dict, arch: Arch, cos: np.ndarray, sin: np.ndarray, starts: list) -> np.ndarray:
+    """Causal self-attention of the prompts stacked in x ([sum of lengths, hidden]); the
+    projections run on all rows at once (each weight is read once), attention per prompt."""
     s, nh, kvh, hd = x.shape[0], arch.num_heads, arch.num_kv_heads, arch.head_dim
 
     def proj(n: str, heads: int) -> np.ndarray:
@@ -46,13 +48,15 @@ def _attention(x: np.ndarray, w: dict, arch: Arch, cos: np.ndarray, sin: np.ndar
         return y.reshape(s, heads, hd)
 
     q, k, v = _rotate(proj("q", nh), cos, sin), _rotate(proj("k", kvh), cos, sin), proj("v", kvh)
-    k, v = np.repeat(k, nh // kvh, axis=1), np.repeat(v, nh // kvh, axis=1)
-    scores = np.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
-    scores = scores + np.triu(np.full((s, s), -np.inf, dtype=np.float32), 1)
-    p = np.exp(scores - scores.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    out = np.einsum("hqk,khd->qhd", p, v).reshape(s, nh * hd)
-    return out @ w["o_proj.weight"].T
+    out = np.empty((s, nh, hd), dtype=np.float32)
+    for a, b in zip(starts, starts[1:]):
+        kk, vv = np.repeat(k[a:b], nh // kvh, axis=1), np.repeat(v[a:b], nh // kvh, axis=1)
+        scores = np.einsum("qhd,khd->hqk", q[a:b], kk) / math.sqrt(hd)
+        scores = scores + np.triu(np.full((b - a, b - a), -np.inf, dtype=np.float32), 1)
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        out[a:b] = np.einsum("hqk,khd->qhd", p, vv)
+    return out.reshape(s, nh * hd) @ w["o_proj.weight"].T
 
 
 def _mlp(x: np.ndarray, w: dict) -> np.ndarray:
@@ -71,30 +75,26 @@ def _layer_weights(weight: Weights, arch: Arch, i: int) -> dict:
 
 def forward_logits(weight: Weights, arch: Arch, prompts: list, keep_argmax: bool = True) -> list:
     """Teacher-forced logits (or their argmax) of each prompt, weights read one layer at a time."""
+    starts = np.cumsum([0] + [len(p) for p in prompts]).tolist()
+    positions = np.concatenate([np.arange(len(p)) for p in prompts])
     emb = weight("model.embed_tokens.weight")
-    hs = [emb[np.asarray(p)].astype(np.float32) for p in prompts]
+    h = emb[np.concatenate([np.asarray(p, dtype=np.int64) for p in prompts])].astype(np.float32)
     head = emb if arch.tie_word_embeddings else None
     del emb
-    longest = max(len(p) for p in prompts)
-    freqs = np.outer(np.arange(longest, dtype=np.float64), rope_inv_freq(arch))
+    freqs = np.outer(positions.astype(np.float64), rope_inv_freq(arch))
     cos = np.cos(np.concatenate([freqs, freqs], -1)).astype(np.float32)
     sin = np.sin(np.concatenate([freqs, freqs], -1)).astype(np.float32)
     eps = arch.rms_norm_eps
     for i in range(arch.num_layers):
         w = _layer_weights(weight, arch, i)
-        for j, h in enumerate(hs):
-            n = len(h)
-            h = h + _attention(_rms_norm(h, w["input_norm"], eps), w, arch, cos[:n], sin[:n])
-            hs[j] = h + _mlp(_rms_norm(h, w["post_norm"], eps), w)
+        h = h + _attention(_rms_norm(h, w["input_norm"], eps), w, arch, cos, sin, starts)
+        h = h + _mlp(_rms_norm(h, w["post_norm"], eps), w)
         del w
-    final = weight("model.norm.weight")
     if head is None:
         head = weight("lm_head.weight")
-    out = []
-    for h in hs:
-        logits = _rms_norm(h, final, eps) @ head.T
-        out.append(logits.argmax(-1) if keep_argmax else logits)
-    return out
+    logits = _rms_norm(h, weight("model.norm.weight"), eps) @ head.T
+    out = logits.argmax(-1) if keep_argmax else logits
+    return [out[a:b] for a, b in zip(starts, starts[1:])]
 
 
 def numpy_reference(weight: Weights, arch: Arch) -> Optional[Reference]:

@@ -121,6 +121,28 @@ def test_qwen2_pre_tokenizer_matters(ggufs, tmp_path):
     assert tokenizer_disagreements(wrong, load_tokenizer(hf / "tokenizer.json"), TRICKY)
 
 
+def test_header_reads_like_gguf_reader(ggufs):
+    """Our header parser against the gguf package's own reader, with and without the vocabulary."""
+    import gguf as gg
+
+    from edge_ssd_export.gguf_source import read_header
+
+    path = ggufs["llama"][0]
+    ref = gg.GGUFReader(str(path))
+    full, light = read_header(path), read_header(path, vocabulary=False)
+    for f in ref.fields.values():
+        if f.name.startswith("GGUF."):
+            continue
+        value = f.contents()
+        assert full.metadata[f.name] == (pytest.approx(value) if isinstance(value, float) else value), f.name
+    assert full.metadata["tokenizer.ggml.tokens"] and light.metadata["tokenizer.ggml.tokens"] is None
+    for t in ref.tensors:
+        for h in (full, light):
+            info = h.tensors[t.name]
+            assert (info.offset, info.n_bytes, info.qtype) == (t.data_offset, t.n_bytes, t.tensor_type), t.name
+            assert info.shape == tuple(int(d) for d in reversed(t.shape)), t.name
+
+
 def test_unmapped_gguf_is_named(ggufs, tmp_path):
     from edge_ssd_export.gguf_source import UnsupportedGGUF, gguf_config, read_header
 

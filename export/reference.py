@@ -64,37 +64,107 @@ def _mlp(x: np.ndarray, w: dict) -> np.ndarray:
     return (gate / (1 + np.exp(-gate)) * (x @ w["up_proj.weight"].T)) @ w["down_proj.weight"].T
 
 
-def _layer_weights(weight: Weights, arch: Arch, i: int) -> dict:
+def _layer_names(arch: Arch, i: int) -> dict:
+    """short name -> Hugging Face name of layer i's weights."""
     p = f"model.layers.{i}."
-    names = [f"self_attn.{n}_proj.weight" for n in "qkvo"] + [f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")]
-    names += [f"self_attn.{n}_proj.bias" for n in "qkv"] if arch.attention_bias else []
-    w = {n.split(".", 1)[1]: weight(p + n) for n in names}
-    w["input_norm"], w["post_norm"] = weight(p + "input_layernorm.weight"), weight(p + "post_attention_layernorm.weight")
-    return w
+    names = {f"{n}_proj.weight": f"{p}self_attn.{n}_proj.weight" for n in "qkvo"}
+    names.update({f"{n}_proj.weight": f"{p}mlp.{n}_proj.weight" for n in ("gate", "up", "down")})
+    if arch.attention_bias:
+        names.update({f"{n}_proj.bias": f"{p}self_attn.{n}_proj.bias" for n in "qkv"})
+    names.update(input_norm=p + "input_layernorm.weight", post_norm=p + "post_attention_layernorm.weight")
+    return names
+
+
+class _Forward:
+    """The forward as steps fed with weights (embedding, each layer, the head), so that it can
+    run from weights it pulls itself or from weights pushed to it as a graph build reads them."""
+
+    def __init__(self, arch: Arch, prompts: list):
+        self.arch, self.prompts = arch, prompts
+        self.starts = np.cumsum([0] + [len(p) for p in prompts]).tolist()
+        positions = np.concatenate([np.arange(len(p)) for p in prompts]).astype(np.float64)
+        freqs = np.outer(positions, rope_inv_freq(arch))
+        self.cos = np.cos(np.concatenate([freqs, freqs], -1)).astype(np.float32)
+        self.sin = np.sin(np.concatenate([freqs, freqs], -1)).astype(np.float32)
+        self.h: Optional[np.ndarray] = None
+        self.head: Optional[np.ndarray] = None
+        self.done_layers = 0
+
+    def embed(self, emb: np.ndarray) -> None:
+        self.h = emb[np.concatenate([np.asarray(p, dtype=np.int64) for p in self.prompts])].astype(np.float32)
+        if self.arch.tie_word_embeddings:
+            self.head = emb
+
+    def layer(self, w: dict) -> None:
+        eps = self.arch.rms_norm_eps
+        h = self.h + _attention(_rms_norm(self.h, w["input_norm"], eps), w, self.arch, self.cos, self.sin, self.starts)
+        self.h = h + _mlp(_rms_norm(h, w["post_norm"], eps), w)
+        self.done_layers += 1
+
+    def logits(self, final_norm: np.ndarray, head: np.ndarray) -> list:
+        out = _rms_norm(self.h, final_norm, self.arch.rms_norm_eps) @ head.T
+        return [out[a:b] for a, b in zip(self.starts, self.starts[1:])]
 
 
 def forward_logits(weight: Weights, arch: Arch, prompts: list, keep_argmax: bool = True) -> list:
     """Teacher-forced logits (or their argmax) of each prompt, weights read one layer at a time."""
-    starts = np.cumsum([0] + [len(p) for p in prompts]).tolist()
-    positions = np.concatenate([np.arange(len(p)) for p in prompts])
-    emb = weight("model.embed_tokens.weight")
-    h = emb[np.concatenate([np.asarray(p, dtype=np.int64) for p in prompts])].astype(np.float32)
-    head = emb if arch.tie_word_embeddings else None
-    del emb
-    freqs = np.outer(positions.astype(np.float64), rope_inv_freq(arch))
-    cos = np.cos(np.concatenate([freqs, freqs], -1)).astype(np.float32)
-    sin = np.sin(np.concatenate([freqs, freqs], -1)).astype(np.float32)
-    eps = arch.rms_norm_eps
+    f = _Forward(arch, prompts)
+    f.embed(weight("model.embed_tokens.weight"))
     for i in range(arch.num_layers):
-        w = _layer_weights(weight, arch, i)
-        h = h + _attention(_rms_norm(h, w["input_norm"], eps), w, arch, cos, sin, starts)
-        h = h + _mlp(_rms_norm(h, w["post_norm"], eps), w)
-        del w
-    if head is None:
-        head = weight("lm_head.weight")
-    logits = _rms_norm(h, weight("model.norm.weight"), eps) @ head.T
-    out = logits.argmax(-1) if keep_argmax else logits
-    return [out[a:b] for a, b in zip(starts, starts[1:])]
+        f.layer({k: weight(n) for k, n in _layer_names(arch, i).items()})
+    head = f.head if f.head is not None else weight("lm_head.weight")
+    out = f.logits(weight("model.norm.weight"), head)
+    return [o.argmax(-1) for o in out] if keep_argmax else out
+
+
+class ReferenceTap:
+    """Wraps weight(): hands each tensor to the graph builder and to the numpy forward, so the
+    reference costs no second read (for a GGUF, a second dequantization: ~17 s CPU for the 1.5B
+    target here). Layers are run as soon as all of a layer's weights have passed; `result` is
+    the teacher-forced argmax per prompt once the head has passed, else None (a builder that
+    read other names or another order: the caller then runs numpy_reference)."""
+
+    def __init__(self, weight: Weights, arch: Arch, prompts: list):
+        self._weight, self._arch = weight, arch
+        self._forward = _Forward(arch, prompts)
+        self._wanted = {n: (i, k) for i in range(arch.num_layers) for k, n in _layer_names(arch, i).items()}
+        self._held: dict = {}  # layer -> {short name: array}, until the layer runs
+        self._final: dict = {}
+        self.result: Optional[list] = None
+
+    def __call__(self, name: str) -> np.ndarray:
+        w = self._weight(name)
+        if name == "model.embed_tokens.weight":
+            self._forward.embed(w)
+        elif name in self._wanted and self._forward.h is not None:
+            i, key = self._wanted[name]
+            self._held.setdefault(i, {})[key] = w
+            self._run_ready()
+        elif name in ("model.norm.weight", "lm_head.weight"):
+            self._final[name] = w
+        self._finish()
+        return w
+
+    def _run_ready(self) -> None:
+        f = self._forward
+        while len(self._held.get(f.done_layers, {})) == len(_layer_names(self._arch, f.done_layers)):
+            f.layer(self._held.pop(f.done_layers))
+            if f.done_layers == self._arch.num_layers:
+                break
+
+    def _finish(self) -> None:
+        f = self._forward
+        head = f.head if f.head is not None else self._final.get("lm_head.weight")
+        if self.result is None and f.done_layers == self._arch.num_layers and head is not None \
+                and "model.norm.weight" in self._final:
+            self.result = [o.argmax(-1) for o in f.logits(self._final.pop("model.norm.weight"), head)]
+            self._final.clear()
+            f.head = None
+
+
+def reference_tap(weight: Weights, arch: Arch, prompts: list) -> Optional[ReferenceTap]:
+    """A tap for this architecture, or None where the numpy forward does not implement it."""
+    return ReferenceTap(weight, arch, prompts) if arch.architecture in ARCHITECTURES else None
 
 
 def numpy_reference(weight: Weights, arch: Arch) -> Optional[Reference]:

@@ -227,3 +227,20 @@ def test_bf16_safetensors_read_without_torch(tmp_path):
         got = weight(k)
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, v.float().numpy())
+
+
+@pytest.mark.parametrize("key", ["target", "llama"])
+def test_reference_tap_equals_the_standalone_forward(tiny_sources, tmp_path, key):
+    """The reference computed on the weights as the build reads them is the reference."""
+    from edge_ssd_export.graph import Arch, QuantConfig
+    from edge_ssd_export.pipeline import REFERENCE_FILE, build_graph_cached
+    from edge_ssd_export.reference import forward_logits
+    from edge_ssd_export.weights import open_weights
+
+    folder = tiny_sources[key]
+    arch = Arch.from_config(json.loads((folder / "config.json").read_text()))
+    prompts = [list(range(5, 45)), [7, 3, 250]]
+    built = build_graph_cached(folder, arch, QuantConfig(weights="int4"), 256, tmp_path, "t", prompts)
+    kept = json.loads((built / REFERENCE_FILE).read_text())
+    assert kept["prompts"] == prompts
+    assert kept["argmax"] == [a.tolist() for a in forward_logits(open_weights(folder), arch, prompts)]

@@ -145,10 +145,15 @@ def _model_manifest(arch: Arch, quant: QuantConfig, role: str, files: list, max_
 
 
 def _tool_versions() -> dict:
+    """Versions of the tools this export used: a package counts when it was imported (torch and
+    transformers are absent from a GGUF or safetensors export that never needed them)."""
     import importlib.metadata as md
+    import sys
 
     out = {"edge-ssd": __version__}
     for pkg in ("onnx", "onnxruntime", "transformers", "torch", "gguf", "safetensors", "tokenizers"):
+        if pkg not in sys.modules:
+            continue
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -191,6 +191,7 @@ def test_gguf_export_imports_no_torch_and_matches_hugging_face(ggufs, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"heavy": []}
     b = load_bundle(out)
+    assert not {"torch", "transformers"} & set(b.manifest["provenance"]["tools"])
     ids = list(range(5, 45))
     np.testing.assert_allclose(OnnxLM(b.target, threads=1).forward(ids, keep=len(ids)), hf_logits(hf, ids),
                                atol=1e-3, rtol=1e-3)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 from edge_ssd import __version__
 from edge_ssd.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, Bundle, load_bundle, sha256_of
 from edge_ssd.memory import fmt_bytes, peak_rss_bytes
@@ -29,7 +30,8 @@ from .output import begin, check_destination, check_not_source, clean_stale, com
 from .registry import CACHE
 from .sources import SourceError, resolve_source
 from .tokenizer_meta import ensure_tokenizer_json, load_tokenizer, tokenizer_meta
-from .validate import check_tokenizers, torch_reference, validate_model
+from .reference import reference_tap
+from .validate import PROMPTS, check_tokenizers, choose_reference, validate_model
 from .weights import open_weights
 
 MIN_CONTEXT = 128  # the golden and agreement checks feed prompts of up to about a hundred tokens
@@ -68,9 +70,17 @@ def _source_key(hf_dir: Path) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
+REFERENCE_FILE = "reference.json"  # in a graph's cache folder: the fp32 reference argmax per prompt
+
+
 def build_graph_cached(hf_dir: Path, arch: Arch, quant: QuantConfig, max_context: Optional[int],
-                       cache: Path, label: str) -> Path:
-    """Build (or reuse) the graph for these weights and settings; return its cache folder."""
+                       cache: Path, label: str, prompts: Optional[list] = None) -> Path:
+    """Build (or reuse) the graph for these weights and settings; return its cache folder.
+
+    Given the validation prompts, the numpy reference runs on the weights as the build reads
+    them (reference.ReferenceTap) and its argmax is kept beside the graph, so validation
+    reads the source once, not twice.
+    """
     key = hashlib.sha256(json.dumps(
         [_source_key(hf_dir), quant.to_json(), max_context, BUILDER_VERSION], sort_keys=True
     ).encode()).hexdigest()[:20]
@@ -82,10 +92,23 @@ def build_graph_cached(hf_dir: Path, arch: Arch, quant: QuantConfig, max_context
     shutil.rmtree(tmp, ignore_errors=True)
     with stage(f"build + quantize {label} graph ({quant.weights}, {arch.num_layers} layers)"):
         bar = Bar(f"{label} layers", arch.num_layers, "layers")
-        build_decoder(arch, open_weights(hf_dir), quant, tmp, max_context, progress=lambda i: bar.update(1))
+        weight = open_weights(hf_dir)
+        tap = reference_tap(weight, arch, prompts) if prompts else None
+        build_decoder(arch, tap or weight, quant, tmp, max_context, progress=lambda i: bar.update(1))
         bar.close()
+    if tap is not None and tap.result is not None:
+        (tmp / REFERENCE_FILE).write_text(json.dumps({"prompts": prompts, "argmax": [a.tolist() for a in tap.result]}))
     os.replace(tmp, out)
     return out
+
+
+def _cached_reference(built: Path, prompts: list) -> Optional[list]:
+    """The reference argmax kept by build_graph_cached for exactly these prompts, if any."""
+    try:
+        kept = json.loads((built / REFERENCE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return [np.asarray(a) for a in kept["argmax"]] if kept.get("prompts") == prompts else None
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -122,10 +145,15 @@ def _model_manifest(arch: Arch, quant: QuantConfig, role: str, files: list, max_
 
 
 def _tool_versions() -> dict:
+    """Versions of the tools this export used: a package counts when it was imported (torch and
+    transformers are absent from a GGUF or safetensors export that never needed them)."""
     import importlib.metadata as md
+    import sys
 
     out = {"edge-ssd": __version__}
     for pkg in ("onnx", "onnxruntime", "transformers", "torch", "gguf", "safetensors", "tokenizers"):
+        if pkg not in sys.modules:
+            continue
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -225,13 +253,15 @@ def _write_bundle(tmp: Path, plan: ExportPlan, hf: dict, arch: dict, name: str, 
         with stage("check draft/target tokenizers"):
             check_tokenizers(ensure_tokenizer_json(hf["draft"]), tok_file)
     meta = tokenizer_meta(hf["target"])
-    manifest_models = {}
+    prompts = _encoder(tok_file)
+    manifest_models, built = {}, {}
     for m in plan.models:
         a = arch[m.role]
         max_ctx = min(a.max_position_embeddings, plan.max_context or a.max_position_embeddings)
-        built = build_graph_cached(hf[m.role], a, m.quant, max_ctx, plan.cache, m.role)
+        built[m.role] = build_graph_cached(hf[m.role], a, m.quant, max_ctx, plan.cache, m.role,
+                                           [prompts(p) for p in PROMPTS] if plan.validate else None)
         for fname in ("model.onnx", "model.onnx.data"):
-            _link_or_copy(built / fname, tmp / m.role / fname)
+            _link_or_copy(built[m.role] / fname, tmp / m.role / fname)
         with stage(f"checksum {m.role} files"):
             files = _file_entries(tmp, m.role)
         manifest_models[m.role] = _model_manifest(a, m.quant, m.role, files, max_ctx, GraphIO())
@@ -251,7 +281,7 @@ def _write_bundle(tmp: Path, plan: ExportPlan, hf: dict, arch: dict, name: str, 
         },
     }
     if plan.validate:
-        manifest["validation"] = _validate(tmp, manifest, hf)
+        manifest["validation"] = _validate(tmp, manifest, hf, arch, built)
     manifest["provenance"]["export_seconds"] = round(time.perf_counter() - t_start, 1)
     manifest["provenance"]["export_peak_rss_bytes"] = peak_rss_bytes()
     _write_manifest(tmp, manifest)
@@ -266,23 +296,28 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _validate(folder: Path, manifest: dict, hf: dict) -> dict:
+def _encoder(tok_file: Path):
+    """text -> ids with the bundle's tokenizer, as validation and the runtime encode."""
+    tok = load_tokenizer(tok_file)
+    return lambda text: tok.encode(text, add_special_tokens=False).ids
+
+
+def _validate(folder: Path, manifest: dict, hf: dict, arch: dict, built: dict) -> dict:
     """Golden check and fp32 agreement per model, on the files as they will ship."""
     from edge_ssd.bundle import model_entry
 
-    tok = load_tokenizer(folder / "tokenizer.json")
-
-    def encode(text: str) -> list:
-        return tok.encode(text, add_special_tokens=False).ids
-
+    encode = _encoder(folder / "tokenizer.json")
     report = {}
     for role, m in manifest["models"].items():
         entry = model_entry(folder, role, m)
         with stage(f"validate {role} graph (golden check, top-1 agreement vs fp32)"):
-            report[role] = validate_model(entry, encode, torch_reference(hf[role]))
+            kept = _cached_reference(built[role], [encode(p) for p in PROMPTS])
+            reference, name = ((lambda prompts, kept=kept: kept), "numpy-fp32") if kept else \
+                choose_reference(hf[role], arch[role])
+            report[role] = validate_model(entry, encode, reference, reference_name=name)
         r = report[role]
         agree = r.get("top1_agreement_vs_fp32")
         print(f"    {role}: K+1-vs-one-at-a-time max |diff| {r['golden_max_abs_diff']:.3g}"
-              + (f", top-1 agreement vs fp32 {agree:.1%}" if agree is not None else "")
+              + (f", top-1 agreement vs fp32 ({r['reference']}) {agree:.1%}" if agree is not None else "")
               + f", rows invariant for >= 2 rows (--exact possible): {r['rows_invariant']}")
     return report

@@ -1,9 +1,13 @@
 """Resolve a model source (Hugging Face id, local Hugging Face folder, GGUF file) to a local
 Hugging Face folder (config.json, weights, tokenizer) that the graph builder reads.
 
-GGUF files are converted once with transformers (dequantized to fp32 safetensors) into a cache
-folder keyed by the file's path, size and mtime; the conversion is written to a temporary folder
-and renamed when complete, so an interrupted conversion is redone, never half-reused.
+A GGUF file is read directly (gguf_source.py): its folder is a *light* one in the cache
+(config.json and tokenizer files from the GGUF's metadata, a pointer to the file; the weights
+are dequantized from the GGUF tensor by tensor), no torch involved. Only a GGUF the direct
+reader does not map (another architecture, a SentencePiece vocabulary) is converted the old
+way, once, with transformers (dequantized to fp32 safetensors) into a cache folder keyed by the
+file's path, size and mtime; the conversion is written to a temporary folder and renamed when
+complete, so an interrupted conversion is redone, never half-reused.
 """
 from __future__ import annotations
 
@@ -68,6 +72,18 @@ def convert_gguf(gguf: Path, cache: Path = CACHE) -> Path:
     return out
 
 
+def _gguf_folder(gguf: Path, cache: Path) -> Path:
+    """The direct reader's light folder; the transformers conversion for what it does not map."""
+    from .gguf_source import UnsupportedGGUF, light_folder  # it imports this module
+
+    _check_gguf_magic(gguf)
+    try:
+        return light_folder(gguf, cache)
+    except UnsupportedGGUF as e:
+        print(f"    {e}: converting it with transformers instead (needs torch, fp32 in memory)")
+        return convert_gguf(gguf, cache)
+
+
 def _looks_local(src: str) -> bool:
     """A path, not a hub id: hub ids are NAME or OWNER/NAME, never relative or with more parts."""
     return (src.startswith((".", "/", "~")) or "\\" in src or src.count("/") > 1
@@ -80,7 +96,7 @@ def resolve_source(src: str, cache: Path = CACHE) -> Path:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise SourceError(f"{src}: a model file must be a .gguf file")
-        return convert_gguf(path, cache)
+        return _gguf_folder(path, cache)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise SourceError(f"{src}: folder has no config.json (not a Hugging Face model folder)")

@@ -225,7 +225,7 @@ BAD_SOURCES = [
                         "got '2')"),
     ("tokenizer-garbage", "tokenizer.json: not a usable tokenizer file"),
     ("not-a-gguf", "model.gguf: not a GGUF file"),
-    ("gguf-magic-only", "model.gguf: transformers could not read this GGUF file"),
+    ("gguf-magic-only", "model.gguf: GGUF version 0 is not supported"),
     ("not-a-model-file", "weights.bin: a model file must be a .gguf file"),
 ]
 

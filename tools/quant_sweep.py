@@ -23,7 +23,7 @@ from edge_ssd_export.graph import Arch, GraphIO, QuantConfig  # noqa: E402
 from edge_ssd_export.pipeline import build_graph_cached  # noqa: E402
 from edge_ssd_export.registry import CACHE  # noqa: E402
 from edge_ssd_export.sources import resolve_source  # noqa: E402
-from edge_ssd_export.validate import PROMPTS, read_json, teacher_forced_argmax, torch_reference  # noqa: E402
+from edge_ssd_export.validate import PROMPTS, choose_reference, read_json, teacher_forced_argmax  # noqa: E402
 
 
 def entry_for(folder: Path, arch: Arch, q: QuantConfig, max_ctx: int) -> ModelEntry:
@@ -44,14 +44,14 @@ def main() -> None:
     args = ap.parse_args()
     hf = resolve_source(args.source, CACHE)
     arch = Arch.from_config(read_json(hf / "config.json"))
-    ref = None if args.no_agreement else torch_reference(hf)
+    ref = None if args.no_agreement else choose_reference(hf, arch)[0]
     from tokenizers import Tokenizer
 
     from edge_ssd.model import OnnxLM
 
     tok = Tokenizer.from_file(str(hf / "tokenizer.json"))
     prompts = [tok.encode(p, add_special_tokens=False).ids for p in PROMPTS]
-    expected = [ref(p) for p in prompts] if ref else None
+    expected = ref(prompts) if ref else None
     rows = []
     for spec in args.configs.split(","):
         w, bs, acc, *head = spec.split(":")

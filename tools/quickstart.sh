@@ -6,7 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PAIR=qwen2.5-coder-0.5b-1.5b
 PROMPT=${1:-"Write a Python function that checks whether a number is prime."}
-python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q -e ".[export]"
 [ -f "models/$PAIR/pair.json" ] || edge-ssd export --pair "$PAIR"
 edge-ssd generate --bundle "models/$PAIR" --prompt "$PROMPT" --max-new-tokens 256

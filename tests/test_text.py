@@ -72,3 +72,30 @@ def test_bad_prompts(tok, prompt, messages):
 def test_bad_stop_strings(tok):
     with pytest.raises(RequestError):
         TextStream(tok, [""])
+
+
+@pytest.mark.parametrize("step", [1, 3, 5])
+def test_spans_credit_each_tokens_text_to_its_source(tok, step):
+    """Rounds of `step` tokens, each token with its own source: the spans give every token's
+    own text its own source (ASCII text: every token ends on a character boundary)."""
+    ids = tok.encode("def add(a, b):\n    return a + b\n", bos=False)
+    sources = ["model" if i % 3 else "target" for i in range(len(ids))]
+    s = TextStream(tok)
+    spans = []
+    for i in range(0, len(ids), step):
+        start = s.sent
+        s.push(ids[i:i + step])
+        spans += s.spans(start, s.sent, sources)
+    start = s.sent
+    s.finish()
+    spans += s.spans(start, s.sent, sources)
+    want = [(tok.decode([t]), src) for t, src in zip(ids, sources)]
+    assert merged(spans) == merged(want)
+
+
+def merged(spans) -> list:
+    """Adjacent spans of one source as one."""
+    out: list = []
+    for text, src in spans:
+        out = out[:-1] + [(out[-1][0] + text, src)] if out and out[-1][1] == src else out + [(text, src)]
+    return out

@@ -35,7 +35,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from edge_ssd.api import Engine
-from edge_ssd.bench import print_table, read_prompts, summarize
+from edge_ssd.bench import fresh_generate, print_table, read_prompts, summarize
 from edge_ssd.decode import DecodeConfig, decode
 from edge_ssd.drafters import ModelDrafter
 from edge_ssd.memory import peak_rss_bytes
@@ -65,7 +65,7 @@ def timing(args) -> dict:
         rec = {"category": p["category"], "modes": {}, "identical": {}}
         ids = {}
         for name, engine, kw in runs:
-            r = engine.generate(p["prompt"], max_new_tokens=args.max_new_tokens, **kw)
+            r = fresh_generate(engine, p["prompt"], max_new_tokens=args.max_new_tokens, **kw)
             rec["modes"][name], ids[name] = r.stats, r.token_ids
             bar.update(1)
         rec["identical"] = {name: v == ids["ar"] for name, v in ids.items() if name != "ar"}

@@ -2,11 +2,13 @@
 # A standalone `edge-ssd` runtime executable (PyInstaller, one file): no Python install needed
 # on the device. `info`, `generate`, `bench` and `serve`; not `export` (that needs torch).
 #
-#   bash tools/build_exe.sh [--python python3] [--test BUNDLE] [--keep-venv]
+#   bash tools/build_exe.sh [--python python3] [--onedir] [--test BUNDLE] [--keep-venv]
 #
 # Builds in a fresh virtual environment (build/exe-venv-<os>-<machine>) holding only the runtime,
 # the serve extra and PyInstaller, so nothing from a workstation's torch install can be frozen
-# in, and writes dist/edge-ssd-<os>-<machine> (build/ and dist/ are git-ignored). With --test
+# in, and writes dist/edge-ssd-<os>-<machine> (build/ and dist/ are git-ignored; --onedir: a
+# folder of that name holding the executable and its libraries, which starts faster because
+# a one-file build unpacks itself into $TMPDIR at every start). With --test
 # BUNDLE it then checks the executable on that bundle: no torch/onnx/exporter module in its
 # archive or among the modules it imports, `info`, `generate` with the model and the n-gram
 # drafter (same token ids as the Python entry point), `serve` (/health and one chat
@@ -40,12 +42,14 @@ REPO=$PWD
 PY=python3
 BUNDLE=
 KEEP_VENV=0
+MODE=onefile
 while [ $# -gt 0 ]; do
     case $1 in
         --python) PY=$2; shift 2 ;;
         --test) BUNDLE=$2; shift 2 ;;
         --keep-venv) KEEP_VENV=1; shift ;;
-        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+        --onedir) MODE=onedir; shift ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -56,7 +60,9 @@ die() { log "FAILED: $*"; exit 1; }
 PLAT=$(uname -s | tr '[:upper:]' '[:lower:]')-$(uname -m)
 VENV=$REPO/build/exe-venv-$PLAT
 WORK=$REPO/build/pyinstaller-$PLAT
-EXE=$REPO/dist/edge-ssd-$PLAT
+OUTNAME=edge-ssd-$PLAT
+EXE=$REPO/dist/$OUTNAME
+[ "$MODE" = onedir ] && EXE=$REPO/dist/$OUTNAME/$OUTNAME
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/edge-ssd-exe.XXXXXX")
 SERVER_PID=
 cleanup() {
@@ -79,11 +85,11 @@ VPY=$VENV/bin/python
 if "$VPY" -c 'import torch' 2>/dev/null; then die "torch is importable in the build venv"; fi
 log "$("$VPY" -m PyInstaller --version | sed 's/^/PyInstaller /'), $("$VPY" -c 'import onnxruntime as o, sys; print("onnxruntime", o.__version__, "python", sys.version.split()[0])')"
 
-log "pyinstaller --onefile (a minute or two)"
-rm -rf "$WORK" "$EXE"
+log "pyinstaller --$MODE (a minute or two)"
+rm -rf "$WORK" "${REPO:?}/dist/$OUTNAME"
 # edge_ssd.cli imports the exporter and the server lazily: the server (and uvicorn's
 # by-name imports) are collected explicitly, the exporter and its stack are excluded.
-"$VPY" -m PyInstaller --noconfirm --clean --log-level WARN --onefile --name "edge-ssd-$PLAT" \
+"$VPY" -m PyInstaller --noconfirm --clean --log-level WARN "--$MODE" --name "$OUTNAME" \
     --distpath "$REPO/dist" --workpath "$WORK" --specpath "$WORK" \
     --collect-binaries onnxruntime --collect-submodules onnxruntime.capi \
     --collect-submodules uvicorn --collect-submodules edge_ssd \
@@ -92,13 +98,14 @@ rm -rf "$WORK" "$EXE"
     --exclude-module onnxruntime.transformers --exclude-module onnxruntime.quantization \
     --exclude-module onnxruntime.tools \
     "$REPO/tools/exe_entry.py" > "$WORK.log" 2>&1 || { tail -30 "$WORK.log" >&2; die "pyinstaller (log: $WORK.log)"; }
-SIZE=$(stat -c %s "$EXE")
-log "built $EXE: $(( SIZE / 1048576 )) MiB"
+SIZE=$(du -sb "$REPO/dist/$OUTNAME" | cut -f1)
+log "built $EXE ($MODE): $(( SIZE / 1048576 )) MiB"
 
 # no torch, onnx or exporter module in the archive (the executable can import nothing else:
 # its sys.path is the archive)
 "$VENV/bin/pyi-archive_viewer" -l -r "$EXE" > "$TMP/toc.txt" 2>&1 || die "pyi-archive_viewer"
 BANNED="'(torch|onnx|transformers|edge_ssd_export)[./']|libtorch"     # entry names are quoted
+[ "$MODE" = onedir ] && find "$REPO/dist/$OUTNAME" -printf "'%P'\n" >> "$TMP/toc.txt"   # the folder's files too
 if grep -Eq "$BANNED" "$TMP/toc.txt"; then
     grep -E "$BANNED" "$TMP/toc.txt" | head -20 >&2 || true; die "the archive holds torch/onnx/exporter modules"
 fi
@@ -166,6 +173,6 @@ first_token() {
 EXE_MS=$(first_token "${RUN[@]}" "$EXE") || die "timing the executable"
 PY_MS=$(first_token "${RUN[@]}" "$VPY" -m edge_ssd.cli) || die "timing the Python entry point"
 log "  executable ${EXE_MS} ms, python -m edge_ssd.cli ${PY_MS} ms"
-printf '{"exe": "%s", "size_bytes": %d, "first_token_ms": {"exe": %d, "python": %d}, "bundle": "%s"}\n' \
+printf '{"exe": "%s", "mode": "'"$MODE"'", "size_bytes": %d, "first_token_ms": {"exe": %d, "python": %d}, "bundle": "%s"}\n' \
     "$EXE" "$SIZE" "$EXE_MS" "$PY_MS" "$BUNDLE"
 log "all checks passed"

@@ -44,7 +44,7 @@ while [ $# -gt 0 ]; do
         --time-budget) BUDGET=$2; shift 2 ;;
         --json) JSON=$2; shift 2 ;;
         --exact) EXTRA+=(--exact); shift ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done

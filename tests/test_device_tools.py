@@ -69,3 +69,19 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
         for rec in place["prompts"]:
             assert all(m["new_tokens"] > 0 for m in rec["modes"].values())
     assert not [q for q in tmp_path.iterdir() if q.name.startswith("edge-ssd-gpu.")]  # its temp dir is gone
+
+
+def test_rows_invariant_tool_agrees_with_the_export_here(tmp_path):
+    """tools/rows_invariant.py re-measures on this machine what the exporter recorded on it."""
+    pytest.importorskip("torch")
+    env = dict(os.environ, PYTHONPATH=str(REPO), EDGE_SSD_CACHE=str(tmp_path / "cache"))
+    bundle = tmp_path / "tiny-int4"
+    subprocess.run([sys.executable, str(REPO / "tools/tiny_bundle.py"), str(bundle), "--quant", "int4"],
+                   check=True, capture_output=True, env=env, timeout=300)
+    p = subprocess.run([sys.executable, str(REPO / "tools/rows_invariant.py"), "--bundle", str(bundle)],
+                       capture_output=True, text=True, env=env, timeout=120)
+    res = json.loads(p.stdout)
+    assert set(res) == {"target", "draft"}
+    for v in res.values():
+        assert v["rows_invariant_here"] == v["recorded_at_export"]   # exported and checked on one machine
+    assert p.returncode == 0

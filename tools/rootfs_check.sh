@@ -44,7 +44,7 @@ while [ $# -gt 0 ]; do
         --keep) KEEP=1; shift ;;
         --json) JSON=$2; shift 2 ;;
         --port) PORT=$2; shift 2 ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -134,7 +134,7 @@ else
         die "$ROOT exists and was not made by this script: choose another --root"
     fi
     rm -rf --one-file-system "$ROOT"; mkdir -p "$ROOT"; touch "$ROOT/$OWNER"
-    log "debootstrap --variant=minbase (emulated second stage: several minutes)"
+    log "debootstrap --variant=minbase (a few minutes; longer emulated)"
     debootstrap --arch="$ARCH" --variant=minbase --cache-dir="$CACHE/debs" \
         --include=python3,python3-venv,ca-certificates "$SUITE" "$ROOT" "$MIRROR" > "$HOST_OUT/debootstrap.log" 2>&1 \
         || { tail -20 "$HOST_OUT/debootstrap.log" >&2; die "debootstrap (log: $HOST_OUT/debootstrap.log)"; }

@@ -13,10 +13,12 @@
 #            --time-budget S (420, the measurements' share of the 10 minutes), --json OUT, --exact
 #
 # onnxruntime-gpu: if the python3 here already has CUDAExecutionProvider it is used as is;
-# otherwise a venv (build/gpu-venv) gets `onnxruntime-gpu[cuda,cudnn]` (CUDA 12 and cuDNN 9 as
-# pip wheels: only the NVIDIA driver is needed on the machine), and LD_LIBRARY_PATH points at
-# those wheels' libraries. The bundle must be fp16: CUDA's GroupQueryAttention has no fp32
-# kernel, and an int4/fp32 bundle would run its attention on the CPU.
+# otherwise a venv (build/gpu-venv) gets `onnxruntime-gpu[cuda,cudnn]` (the CUDA and cuDNN
+# libraries as pip wheels: 1.31.1, the newest on PyPI in December 2026, asks for CUDA 13 and
+# cuDNN 9, so the NVIDIA driver must support CUDA 13), and LD_LIBRARY_PATH points at those
+# wheels' libraries. Use an fp16 bundle: onnxruntime's CUDA GroupQueryAttention is, as far as
+# we know (not verified), fp16/bf16 only, so an fp32 or int4 bundle's attention would fall
+# back to the CPU.
 #
 # Checked on a CPU only (the dry run, tests/test_device_tools.py). The CUDA path has not run on
 # a GPU: see docs/devices.md.
@@ -76,7 +78,7 @@ else
         # the CUDA/cuDNN wheels' libraries, for onnxruntime's provider library to find
         LIBS=$("$PY" - <<'EOF'
 import glob, os, site
-dirs = [d for s in site.getsitepackages() for d in glob.glob(os.path.join(s, "nvidia", "*", "lib"))]
+dirs = {d for s in site.getsitepackages() for d in glob.glob(os.path.join(s, "nvidia", "**", "lib"), recursive=True)}
 print(":".join(sorted(dirs)))
 EOF
 )

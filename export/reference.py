@@ -12,6 +12,8 @@ half-split layout, grouped-query attention, SiLU-gated MLP); for other architect
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from typing import Callable, Optional
 
@@ -83,7 +85,7 @@ class _Forward:
         self.arch, self.prompts = arch, prompts
         self.starts = np.cumsum([0] + [len(p) for p in prompts]).tolist()
         positions = np.concatenate([np.arange(len(p)) for p in prompts]).astype(np.float64)
-        freqs = np.outer(positions, rope_inv_freq(arch))
+        freqs = np.outer(positions, rope_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling))
         self.cos = np.cos(np.concatenate([freqs, freqs], -1)).astype(np.float32)
         self.sin = np.sin(np.concatenate([freqs, freqs], -1)).astype(np.float32)
         self.h: Optional[np.ndarray] = None
@@ -162,13 +164,21 @@ class ReferenceTap:
             f.head = None
 
 
+def implements(arch: Arch) -> bool:
+    """The numpy forward is plain Llama / Qwen2 / Mistral attention and MLP (any rope scaling
+    graph.rope_inv_freq knows): no family feature beyond that (export/families.py)."""
+    family_defaults = {f.name: f.default for f in dataclasses.fields(Arch) if f.default is not dataclasses.MISSING}
+    return arch.architecture in ARCHITECTURES and all(
+        getattr(arch, name) == value for name, value in family_defaults.items())
+
+
 def reference_tap(weight: Weights, arch: Arch, prompts: list) -> Optional[ReferenceTap]:
     """A tap for this architecture, or None where the numpy forward does not implement it."""
-    return ReferenceTap(weight, arch, prompts) if arch.architecture in ARCHITECTURES else None
+    return ReferenceTap(weight, arch, prompts) if implements(arch) else None
 
 
 def numpy_reference(weight: Weights, arch: Arch) -> Optional[Reference]:
     """The teacher-forced argmax reference, or None for an architecture this forward does not implement."""
-    if arch.architecture not in ARCHITECTURES:
+    if not implements(arch):
         return None
     return lambda prompts: forward_logits(weight, arch, prompts)

@@ -33,7 +33,7 @@ from .errors import BundleError, RequestError
 from .governor import Governor
 from .lookup import TokenStore, lookup_drafters
 from .memory import Reading, read_memory
-from .model import OnnxLM
+from .model import OnnxLM, rows_invariant_here
 from .parallel import ParallelDrafter
 from .providers import resolve
 from .request import DEFAULT_FANOUT, K_LIMIT, Request
@@ -144,6 +144,11 @@ class Engine:
         if not self.plan.use_draft:
             self.draft = None  # it does not fit the budget at all: not taken back later
         self.target.allocate(self.plan.max_context)
+        if options.exact and not rows_invariant_here(self.target):
+            raise BundleError(
+                "--exact needs a target whose rows compute alike for any number of rows with them, and on "
+                "this device this bundle's target does not (the kernels differ from the exporting machine's); "
+                "run without --exact")
         if self.draft is not None:
             self.draft.allocate(self.plan.max_context)
         self.tokenizer = Tokenizer(bundle.tokenizer_file, bundle.tokenizer)
@@ -345,7 +350,8 @@ def placement(cores: int, provider: str, draft_provider: str, options: EngineOpt
 
 
 def _check_exact_possible(bundle: Bundle) -> None:
-    """--exact needs a target whose rows compute alike for any number (>= 2) of rows."""
+    """--exact needs a target whose rows compute alike for any number (>= 2) of rows: refused
+    at once when the export measured otherwise (the engine re-checks on this device at load)."""
     report = (bundle.manifest.get("validation") or {}).get("target") or {}
     if report.get("rows_invariant") is False:
         q = bundle.target.quant

@@ -135,3 +135,37 @@ def prefill(lm, ids: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
     is the logits row after the whole prompt."""
     for start in range(0, len(ids), max(1, chunk)):
         yield lm.forward(ids[start:start + chunk], keep=1)
+
+
+def rows_invariant(lm: OnnxLM, ids: list, past: int, n: int = 9) -> bool:
+    """Does a row get bit-identical logits whatever the number (>= 2) of rows evaluated with it?
+
+    That is what --exact relies on: plain steps padded to two rows must compute what any
+    K+1-row verification computes. Measured: true for int4 block 32, false for block 128.
+    """
+    lm.reset()
+    lm.forward(ids[:past])
+    ref = lm.forward(ids[past:past + n], keep=n).copy()
+    saved_min = lm.min_rows
+    lm.min_rows = 2
+    try:
+        for chunk in (2, 3, 4, 5, 6, 8):
+            lm.truncate(past)
+            rows = []
+            for i in range(past, past + n, chunk):
+                part = ids[i:min(i + chunk, past + n)]
+                rows.append(lm.forward(part, keep=len(part)).copy())
+            if not np.array_equal(np.concatenate(rows), ref):
+                return False
+        return True
+    finally:
+        lm.min_rows = saved_min
+        lm.reset()
+
+
+def rows_invariant_here(lm: OnnxLM) -> bool:
+    """rows_invariant on a fixed probe sequence: what this device's kernels do, whatever the
+    exporting machine recorded (the kernels differ between CPUs)."""
+    half = (np.arange(48) * 7 % (min(lm.entry.vocab_size, 5000) - 10) + 10).tolist()
+    ids = (half + half)[:lm.max_context]
+    return rows_invariant(lm, ids, past=len(ids) // 2 - 5)

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from edge_ssd.bundle import ModelEntry
-from edge_ssd.model import OnnxLM
+from edge_ssd.model import OnnxLM, rows_invariant
 
 from .errors import ExportError
 from .graph import Arch
@@ -89,32 +89,6 @@ def golden_check(lm: OnnxLM, ids: list, past: int, k_plus_1: int, quant: str) ->
         bool((at_once.argmax(-1) == one_by_one.argmax(-1)).all()),
         GOLDEN_TOLERANCE[quant],
     )
-
-
-def rows_invariant(lm: OnnxLM, ids: list, past: int, n: int = 9) -> bool:
-    """Does a row get bit-identical logits whatever the number (>= 2) of rows evaluated with it?
-
-    That is what --exact relies on: plain steps padded to two rows must compute what any
-    K+1-row verification computes. Measured: true for int4 block 32, false for block 128.
-    """
-    lm.reset()
-    lm.forward(ids[:past])
-    ref = lm.forward(ids[past:past + n], keep=n).copy()
-    saved_min = lm.min_rows
-    lm.min_rows = 2
-    try:
-        for chunk in (2, 3, 4, 5, 6, 8):
-            lm.truncate(past)
-            rows = []
-            for i in range(past, past + n, chunk):
-                part = ids[i:min(i + chunk, past + n)]
-                rows.append(lm.forward(part, keep=len(part)).copy())
-            if not np.array_equal(np.concatenate(rows), ref):
-                return False
-        return True
-    finally:
-        lm.min_rows = saved_min
-        lm.reset()
 
 
 def teacher_forced_argmax(lm: OnnxLM, ids: list) -> np.ndarray:

@@ -189,3 +189,18 @@ def test_parallel_on_shared_cores_says_it_ran_as_spec(fp32_bundle):
     bad = cli("generate", "--bundle", fp32_bundle.path, "--prompt", "x", "--mode", "parallel", "--fanout", "99",
               "--threads", "1", "--draft-threads", "1", check_rc=1)
     assert "fanout must be an integer in [0, 16]" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_exact_is_checked_on_this_device(fp32_bundle, tmp_path, monkeypatch):
+    """The export's rows_invariant was measured on its machine; the engine measures its own."""
+    import edge_ssd.api
+    from edge_ssd.errors import BundleError
+    from edge_ssd.model import rows_invariant_here
+
+    e = Engine.load(fp32_bundle.path, exact=True)
+    assert rows_invariant_here(e.target)            # fp32 here: rows compute alike
+    assert e.generate("x", raw=True, max_new_tokens=3).stats["new_tokens"] == 3
+    monkeypatch.setattr(edge_ssd.api, "rows_invariant_here", lambda lm: False)  # as on another CPU
+    with pytest.raises(BundleError, match="on this device"):
+        Engine.load(fp32_bundle.path, exact=True)
+    assert Engine.load(fp32_bundle.path).generate("x", raw=True, max_new_tokens=2).stats["new_tokens"] == 2

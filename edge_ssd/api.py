@@ -314,6 +314,8 @@ class Engine:
                 self._let_go()
             start = text.sent
             tail = text.finish()
+            if text.stopped:  # a stop string completed only by the held-back end (a split character)
+                stats.finish_reason = FinishReason.STOP
             if tail:
                 yield labelled(tail, start)
             out["result"] = Result(text.full_text, tokens, {**stats.to_json(), "memory": self.plan.to_json()},

@@ -99,3 +99,4 @@ def merged(spans) -> list:
     for text, src in spans:
         out = out[:-1] + [(out[-1][0] + text, src)] if out and out[-1][1] == src else out + [(text, src)]
     return out
+

@@ -279,7 +279,7 @@ class Engine:
             fields["prompt"] = prompt
         req = (request or Request()).with_fields(fields) if fields else (request or Request())
         ids, cfg, drafter = self._prepare(req)
-        text = TextStream(self.tokenizer, req.stop)
+        text = TextStream(self.tokenizer, req.stop, spans=req.show_sources)
         handoff = [drafter]  # the decode loop takes the only reference: dropping the draft frees it
         del drafter
         out: dict = {}

@@ -63,7 +63,7 @@ class Tokenizer:
 class TextStream:
     """Incremental detokenizer with stop strings. push(ids) -> text safe to show now."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), spans: bool = False):
         if any(not isinstance(s, str) or not s for s in stop):
             raise RequestError("stop strings must be non-empty strings")
         self.tok = tokenizer
@@ -74,16 +74,18 @@ class TextStream:
         self.text = ""    # all decoded text so far (stable part)
         self.sent = 0     # chars of self.text already emitted
         self.stopped = False
+        self.track_spans = spans     # keep marks for spans(): one extra short decode per token
         self.marks: list = [(0, 0)]  # (chars of text, ids they decode) after each append: spans()
 
     def _decode_new(self) -> None:
         before = self.tok.decode(self.ids[self.prefix:self.read])
         after = self.tok.decode(self.ids[self.prefix:])
         if len(after) > len(before) and not after.endswith(REPLACEMENT):
-            self._mark_tokens(before, after)
+            if self.track_spans:
+                self._mark_tokens(before, after)
             self.text += after[len(before):]
             self.prefix, self.read = self.read, len(self.ids)
-            self.marks.append((len(self.text), len(self.ids)))
+            self._mark()
 
     def _mark_tokens(self, before: str, after: str) -> None:
         """Where each new token's text ends inside what is about to be appended (for spans):
@@ -120,8 +122,12 @@ class TextStream:
         before = self.tok.decode(self.ids[self.prefix:self.read])
         self.text += tail[len(before):]
         self.prefix = self.read = len(self.ids)
-        self.marks.append((len(self.text), len(self.ids)))
+        self._mark()
         return self._emit(final=True)
+
+    def _mark(self) -> None:
+        if self.track_spans:
+            self.marks.append((len(self.text), len(self.ids)))
 
     def _emit(self, final: bool) -> str:
         hits = [(i, s) for s in self.stop if (i := self.text.find(s, max(0, self.sent - len(s) + 1))) >= 0]
@@ -141,7 +147,7 @@ class TextStream:
         return self.text[: self.sent] if self.stopped else self.text
 
     def spans(self, start: int, end: int, sources: Sequence) -> tuple:
-        """text[start:end] as (text, source) spans, adjacent ones of one source merged; the text
+        """text[start:end] as (text, source) spans (the stream must track spans), adjacent ones of one source merged; the text
         an append brought is credited to the source of its last token (a character split across
         tokens is shown whole, with the token that completed it)."""
         out: list = []

@@ -80,7 +80,7 @@ def test_spans_credit_each_tokens_text_to_its_source(tok, step):
     own text its own source (ASCII text: every token ends on a character boundary)."""
     ids = tok.encode("def add(a, b):\n    return a + b\n", bos=False)
     sources = ["model" if i % 3 else "target" for i in range(len(ids))]
-    s = TextStream(tok)
+    s = TextStream(tok, spans=True)
     spans = []
     for i in range(0, len(ids), step):
         start = s.sent

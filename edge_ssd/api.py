@@ -8,13 +8,16 @@
         for piece in stream:
             print(piece, end="", flush=True)
 
-An Engine runs one request at a time (a lock serializes callers): both models' KV caches
-are per-engine state. A stream holds the engine from its first piece until it ends or is
-closed; leaving the `with` block, breaking out of a loop over a temporary stream, or starting
-another request on the same thread releases it.
+An Engine with `slots=1` (the default) runs one request at a time: a lock serializes callers.
+With `slots=N` up to N requests decode together, from as many threads: each holds a slot of
+both models' KV caches, and their one-row steps share the target's forwards (batching.py);
+more callers wait for a slot. A stream holds its slot from its first piece until it ends or
+is closed; leaving the `with` block, breaking out of a loop over a temporary stream, or
+starting another request on the same thread releases it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from .batching import Batcher
 from .bundle import STAMP_CACHE, Bundle, load_bundle
 from .costs import StepCosts, cached_calibration
 from .decode import DecodeConfig, decode
@@ -107,6 +111,16 @@ class EngineOptions:
     load_draft: bool = True
     memory_budget: "str | int | None" = None  # e.g. "1.5GiB", "60%"; default: 80% of available
     memory_reader: Optional[Callable[[], Reading]] = None  # tests inject readings here
+    slots: int = 1                       # requests decoding together (fewer if memory is short)
+
+
+@dataclass
+class Lease:
+    """What one running request holds: its view of each model and how to give them back."""
+
+    target: object                       # OnnxLM (slots=1) or its SlotLM
+    draft: Optional[object]
+    release: Callable[[], None]
 
 
 class Engine:
@@ -118,6 +132,8 @@ class Engine:
         min_rows = 2 if options.exact else 1
         if options.exact:
             _check_exact_possible(bundle)
+        if not isinstance(options.slots, int) or options.slots < 1:
+            raise RequestError(f"slots must be a whole number >= 1, got {options.slots!r}", param="slots")
         self.governor = Governor(options.memory_budget, options.memory_reader or read_memory)
         reader = self.governor.reader
         use_draft = bundle.draft is not None and options.load_draft
@@ -140,20 +156,25 @@ class Engine:
         self.plan = self.governor.plan(weights, kv, bundle.target.vocab_size,
                                        options.max_context or DEFAULT_CONTEXT, K_LIMIT, bundle.target.max_context,
                                        bundle.target.quant.get("weights", ""), DEFAULT_FANOUT if use_draft else 0,
-                                       extra=TokenStore.max_bytes())
+                                       extra=TokenStore.max_bytes(), slots=options.slots)
         if not self.plan.use_draft:
             self.draft = None  # it does not fit the budget at all: not taken back later
-        self.target.allocate(self.plan.max_context)
+        self.slots = self.plan.slots
+        self.target.allocate(self.plan.max_context, self.slots)
         if options.exact and not rows_invariant_here(self.target):
             raise BundleError(
                 "--exact needs a target whose rows compute alike for any number of rows with them, and on "
                 "this device this bundle's target does not (the kernels differ from the exporting machine's); "
                 "run without --exact")
         if self.draft is not None:
-            self.draft.allocate(self.plan.max_context)
+            self.draft.allocate(self.plan.max_context, self.slots)
         self.tokenizer = Tokenizer(bundle.tokenizer_file, bundle.tokenizer)
-        self._lock = threading.Lock()
-        self._holder: Optional[tuple] = None  # (thread id, weak ref to the Stream) holding the engine
+        self._lock = threading.Lock()    # slots=1: the engine; else guards the bookkeeping below
+        self._free = threading.Semaphore(self.slots)
+        self._running = 0
+        self._holders: dict = {}         # thread id -> weak refs to the Streams it holds open
+        self._device = threading.Lock()  # slots > 1: one forward at a time, whichever model
+        self._batches = self._batchers() if self.slots > 1 else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-ssd-draft")
         self.learned: dict = {}  # acceptance estimates carried from request to request
         self.suffix_cache = TokenStore()  # earlier requests' outputs, a draft source for later ones
@@ -172,6 +193,22 @@ class Engine:
     def max_context(self) -> int:
         return self.target.max_context
 
+    def _batchers(self) -> dict:
+        """One Batcher per loaded model (slots > 1). Under --exact the target's one-row steps run
+        alone (padded like verification) instead of batched: a batch of one-row sequences runs
+        attention with another kernel, whose logits differ in the last bits."""
+        out = {"target": Batcher(self.target, self._device, batch_steps=not self.options.exact)}
+        if self.draft is not None:
+            out["draft"] = Batcher(self.draft, self._device)
+        return out
+
+    def batch_stats(self) -> dict:
+        """Batched forwards so far: how many, and how many one-row steps they carried."""
+        if self._batches is None:
+            return {"slots": 1, "active": self._running, "steps": 0, "rows": 0}
+        b = self._batches["target"]
+        return {"slots": self.slots, "active": self._running, "steps": b.steps, "rows": b.rows}
+
     def parallel_pays(self) -> bool:
         """Placement check for `parallel`; when False, `--mode parallel` runs as `spec`.
 
@@ -180,6 +217,8 @@ class Engine:
         costs at least PARALLEL_MIN_VERIFY_STEPS draft steps, so that the next round's draft
         is often ready in time (measurements and the cost model: docs/benchmarks.md,
         "Parallel speculation")."""
+        if self.slots > 1:  # its drafting thread would hold the device between other requests' steps
+            return False
         both_cpu = self.target.device == "cpu" and self.draft is not None and self.draft.device == "cpu"
         if both_cpu and (os.cpu_count() or 1) < sum(self.threads().values()):
             return False
@@ -193,23 +232,30 @@ class Engine:
         return out
 
     def _drop_draft(self) -> None:
-        """Free the draft model (weights and cache): plain target decoding until it fits again."""
+        """Free the draft model (weights and cache): plain target decoding until it fits again.
+        Other running requests drop it at their next round (the governor tells them); the
+        memory is freed when the last of them lets go."""
         self.draft = None
+        if self._batches is not None:
+            self._batches.pop("draft", None)
         self._draft_dropped = self.bundle.draft is not None and self.options.load_draft
 
     def _retake_draft(self) -> None:
         """Load the draft again, between requests, once memory pressure has passed: its weights
         and cache fit the budget and what is available, with the governor's margin."""
-        if not self._draft_dropped or self._lock.locked():
+        if not self._draft_dropped or self._running:
             return
         entry, g = self.bundle.draft, self.governor
-        need = self._draft_weights + entry.kv_bytes_per_token * self.plan.max_context + g.margin
+        need = self._draft_weights + entry.kv_bytes_per_token * self.plan.max_context * self.slots + g.margin
         r = g.reader()
         if r.rss + need > g.budget or r.available < need + g.margin:
             return
         draft = OnnxLM(entry, self._draft_placement[0], self._draft_placement[1], allocate=False)
-        draft.allocate(self.plan.max_context)
+        draft.allocate(self.plan.max_context, self.slots)
         self.draft, self._draft_dropped, g.k_cap, g.fanout_cap = draft, False, None, None
+        g.draft_dropped = False
+        if self._batches is not None:
+            self._batches["draft"] = Batcher(draft, self._device)
         log.info("memory allows the draft model again: speculative decoding resumes")
 
     def providers(self) -> dict:
@@ -219,54 +265,83 @@ class Engine:
             out["draft"] = self.draft.providers_used
         return out
 
-    def _drafter(self, req: Request) -> Optional[Drafter]:
+    def _drafter(self, req: Request) -> Callable[[Optional[object]], Optional[Drafter]]:
+        """Check the request's drafting now; return what builds its drafter once the request
+        holds its view of the draft model (None: the draft is not loaded, or was dropped)."""
         if req.mode == "ar":
-            return None
-        model: Optional[Drafter] = ModelDrafter(self.draft, self.target.entry.vocab_size) if self.draft else None
-        if req.mode == "parallel":
-            if model is None:
-                raise RequestError("mode parallel needs a draft model, and this bundle (or engine) has none",
-                                   param="mode")
-            if self.parallel_pays():
-                model = ParallelDrafter(model, self._pool, req.fanout)
-        if req.drafter == "model":
-            if model is None:
-                raise RequestError("drafter 'model' needs a draft model, and this bundle (or engine) has none",
-                                   param="drafter")
-            return model
+            return lambda draft: None
+        if req.mode == "parallel" and self.draft is None:
+            raise RequestError("mode parallel needs a draft model, and this bundle (or engine) has none",
+                               param="mode")
+        if req.drafter == "model" and self.draft is None:
+            raise RequestError("drafter 'model' needs a draft model, and this bundle (or engine) has none",
+                               param="drafter")
+        parallel = req.mode == "parallel" and self.parallel_pays()
         prediction = self.tokenizer.encode(req.prediction, bos=False) if req.prediction else None
-        return AutoDrafter(model if req.drafter == "auto" else None, lookup_drafters(prediction, self.suffix_cache),
-                           self.learned)
+        vocab = self.target.entry.vocab_size
+
+        def build(draft: Optional[object]) -> Optional[Drafter]:
+            model: Optional[Drafter] = ModelDrafter(draft, vocab) if draft is not None else None
+            if parallel and model is not None:
+                model = ParallelDrafter(model, self._pool, req.fanout)
+            if req.drafter == "model":
+                return model
+            return AutoDrafter(model if req.drafter == "auto" else None,
+                               lookup_drafters(prediction, self.suffix_cache), self.learned)
+        return build
 
     def _prepare(self, req: Request) -> tuple:
-        """Token ids, the loop's config and the drafter: every check that can fail before decoding."""
+        """Token ids, the loop's config and what builds the drafter: every check that can fail
+        before decoding."""
         self._retake_draft()
         cfg = DecodeConfig(max_new_tokens=req.max_new_tokens, k=req.fixed_k, k_min=req.k_min, k_max=req.k_max,
                            sampling=req.sampling, eos_ids=self.tokenizer.eos_ids)
-        drafter = self._drafter(req)
+        build_drafter = self._drafter(req)
         ids = build_prompt(self.tokenizer, req.prompt, req.messages, req.raw)
         if len(ids) + 1 > self.max_context:
             raise RequestError(f"the prompt has {len(ids)} tokens; the context limit is {self.max_context}",
                                param="messages" if req.messages is not None else "prompt",
                                code="context_length_exceeded")
-        return ids, cfg, drafter
+        return ids, cfg, build_drafter
 
-    def _hold(self, stream: "weakref.ref") -> None:
-        """Take the engine for a stream. A stream this thread left open (it cannot be waited
-        for: this thread would wait on itself) is closed first; another thread's is waited for."""
+    def _hold(self, stream: "weakref.ref") -> Lease:
+        """Take a slot (slots=1: the engine) for a stream. Streams this thread left open (it
+        cannot wait for them: it would wait on itself) are closed first; other threads' are
+        waited for."""
         me = threading.get_ident()
-        holder = self._holder
-        if holder is not None and holder[0] == me:
-            left_open = holder[1]()
+        for ref in self._holders.pop(me, []):
+            left_open = ref()
             if left_open is not None:
                 log.info("a new request on this thread closes the stream it left open")
                 left_open.close()
-        self._lock.acquire()
-        self._holder = (me, stream)
+        if self._batches is None:
+            self._lock.acquire()
+            lease = Lease(self.target, self.draft, self._lock.release)
+        else:
+            self._free.acquire()
+            with self._lock:
+                target = self._batches["target"].acquire()
+                draft_batch = self._batches.get("draft")
+                draft = draft_batch.acquire() if draft_batch is not None else None
 
-    def _let_go(self) -> None:
-        self._holder = None
-        self._lock.release()
+            def release() -> None:
+                target.release()
+                if draft is not None:
+                    draft.release()
+                self._free.release()
+            lease = Lease(target, draft, release)
+        with self._lock if self._batches is not None else contextlib.nullcontext():
+            self._running += 1
+            self._holders.setdefault(me, []).append(stream)
+        return lease
+
+    def _let_go(self, lease: Lease, stream: "weakref.ref") -> None:
+        with self._lock if self._batches is not None else contextlib.nullcontext():
+            self._running -= 1
+            held = self._holders.get(threading.get_ident(), [])
+            if stream in held:
+                held.remove(stream)
+        lease.release()
 
     def stream(self, prompt: Optional[str] = None, *, request: Optional[Request] = None, **fields) -> Stream:
         """Start a request; iterate the returned Stream for text. Parameters are checked here.
@@ -278,10 +353,8 @@ class Engine:
         if prompt is not None:
             fields["prompt"] = prompt
         req = (request or Request()).with_fields(fields) if fields else (request or Request())
-        ids, cfg, drafter = self._prepare(req)
+        ids, cfg, build_drafter = self._prepare(req)
         text = TextStream(self.tokenizer, req.stop, spans=req.show_sources)
-        handoff = [drafter]  # the decode loop takes the only reference: dropping the draft frees it
-        del drafter
         out: dict = {}
         me: list = []        # a weak reference to the Stream, set below: no cycle through the generator
 
@@ -293,10 +366,12 @@ class Engine:
 
         def pieces() -> Iterator[str]:
             tokens: list = []
-            self._hold(me[0])
+            lease = self._hold(me[0])
             try:
-                gen = decode(self.target, handoff.pop(), ids, cfg, stats, self.costs, self.governor,
+                # the decode loop holds the only reference to the drafter: dropping the draft frees it
+                gen = decode(lease.target, build_drafter(lease.draft), ids, cfg, stats, self.costs, self.governor,
                              self._drop_draft, self.learned)
+                lease.draft = None
                 try:
                     for new in gen:
                         tokens += new
@@ -309,9 +384,9 @@ class Engine:
                             break
                 finally:
                     gen.close()
-                self.suffix_cache.add(tokens)  # under the lock: drafters of other requests read it
+                self.suffix_cache.add(tokens)  # a draft source for later requests
             finally:
-                self._let_go()
+                self._let_go(lease, me[0])
             start = text.sent
             tail = text.finish()
             if text.stopped:  # a stop string completed only by the held-back end (a split character)

@@ -5,6 +5,8 @@ import argparse
 import json
 import logging
 import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Optional
 
@@ -33,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--messages", type=Path, help="JSON file: a list of {role, content}")
     src.add_argument("--input", type=Path, help="JSONL batch: one request object a line")
     g.add_argument("--output", type=Path, help="JSONL results for --input (default: stdout)")
+    g.add_argument("--batch-size", type=positive_int, default=1,
+                   help="--input lines decoded together (batched forwards); results stay in input order")
     g.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
     g.add_argument("--prediction", type=Path, default=None,
                    help="a file with the output you expect (e.g. the code before an edit): drafting follows "
@@ -85,7 +89,9 @@ def cmd_generate(args) -> int:
             raise EdgeSSDError(f"cannot read {args.input}: no such file")
         if args.output:
             check_output(args.output, [args.input])
-        return _batch(engine_from_args(args), base, args)
+        return _batch(engine_from_args(args, slots=args.batch_size), base, args)
+    if args.batch_size != 1:
+        raise EdgeSSDError("--batch-size is for --input batches")
     fields = {"messages": _read_messages(args.messages)} if args.messages else {"prompt": args.prompt}
     if args.prediction:
         fields["prediction"] = _read_text(args.prediction, "--prediction")
@@ -156,25 +162,50 @@ def batch_request(raw: bytes, base: Request) -> tuple:
 
 
 def _batch(engine, base: Request, args) -> int:
-    """One request per JSONL line; a bad line gets an error record and the run goes on."""
+    """One request per JSONL line; a bad line gets an error record and the run goes on. With
+    --batch-size N, N lines decode at once (each in a thread of its own, sharing the engine's
+    batched forwards) and the records are still written in input order."""
     failures = 0
 
-    def run(out: IO[str]) -> None:
+    def one(lineno: int, raw: bytes) -> tuple:
+        """(record, whether the line failed)."""
+        rec: dict = {"line": lineno, "id": lineno}
+        try:
+            rid, req = batch_request(raw, base)
+            rec["id"] = lineno if rid is None else rid
+            rec.update(engine.generate(request=req).to_json())
+            return rec, False
+        except EdgeSSDError as e:
+            rec["error"] = str(e)
+            return rec, True
+
+    def write(out: IO[str], done: tuple) -> None:
         nonlocal failures
+        rec, failed = done
+        failures += failed
+        out.write(json.dumps(rec) + "\n")
+        out.flush()
+
+    def lines():
         with open(args.input, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                rec: dict = {"line": lineno, "id": lineno}
-                try:
-                    rid, req = batch_request(raw, base)
-                    rec["id"] = lineno if rid is None else rid
-                    rec.update(engine.generate(request=req).to_json())
-                except EdgeSSDError as e:
-                    failures += 1
-                    rec["error"] = str(e)
-                out.write(json.dumps(rec) + "\n")
-                out.flush()
+            yield from ((n, raw) for n, raw in enumerate(f, 1) if raw.strip())
+
+    def run(out: IO[str]) -> None:
+        if args.batch_size == 1:  # in this thread: Ctrl-C stops the request at once
+            for lineno, raw in lines():
+                write(out, one(lineno, raw))
+            return
+        pool = ThreadPoolExecutor(args.batch_size, thread_name_prefix="edge-ssd-batch")
+        window: deque = deque()  # read ahead a bounded number of lines
+        try:
+            for lineno, raw in lines():
+                window.append(pool.submit(one, lineno, raw))
+                if len(window) >= 2 * args.batch_size:
+                    write(out, window.popleft().result())
+            while window:
+                write(out, window.popleft().result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # after Ctrl-C: the lines running finish
 
     try:
         if args.output:

@@ -85,11 +85,11 @@ def request_from_args(args: argparse.Namespace) -> Request:
                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), raw=args.raw)
 
 
-def engine_from_args(args: argparse.Namespace):
-    """Load the bundle the engine flags name."""
+def engine_from_args(args: argparse.Namespace, slots: int = 1):
+    """Load the bundle the engine flags name, with `slots` requests decoding together."""
     from .api import Engine
 
     return Engine.load(Path(args.bundle), provider=args.provider, strict_provider=args.strict_provider,
                        threads=args.threads, draft_threads=args.draft_threads, max_context=args.max_context,
-                       draft_provider=args.draft_provider,
-                       exact=args.exact, verify=args.verify, memory_budget=args.memory_budget)
+                       draft_provider=args.draft_provider, exact=args.exact, verify=args.verify,
+                       memory_budget=args.memory_budget, slots=slots)

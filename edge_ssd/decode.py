@@ -50,14 +50,15 @@ def _clip(new: list, eos: frozenset, budget: int) -> tuple:
 
 
 def _draft_round(policy: SpecPolicy, drafter: Drafter, room: int, governor: Optional[Governor],
-                 sp: SamplingParams, rng: np.random.Generator) -> DraftRound:
-    """This round's limits and estimates, as the drafter may see them."""
+                 sp: SamplingParams, rng: np.random.Generator, active: int) -> DraftRound:
+    """This round's limits and estimates, as the drafter may see them; `active` requests share
+    the target's batched steps (1: this one alone)."""
     policy.draft_share = drafter.draft_share
+    policy.active = active
     cap = governor.k_cap if governor is not None else None
-    costs = policy.costs
     return DraftRound(room=room, k_limit=min(policy.k_limit, cap or policy.k_limit), sampling=sp, rng=rng,
                       model_pays=policy.model_round_pays(), keep_drafting=policy.keep_drafting,
-                      verify_cost=costs.verify_rows if costs is not None else None,
+                      verify_cost=policy.cost if policy.costs is not None else None,
                       accept_prob=policy.acceptance.prob, token_rate=policy.rate.value,
                       fanout_cap=governor.fanout_cap if governor is not None else None)
 
@@ -138,7 +139,7 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
             if act == GovernorAction.DROP_DRAFT:
                 drafter = policy = None
                 on_drop_draft()
-            rnd = _draft_round(policy, drafter, room, governor, sp, rng) if policy is not None else None
+            rnd = _draft_round(policy, drafter, room, governor, sp, rng, target.active) if policy is not None else None
             t0 = time.perf_counter()
             prop = drafter.propose(seq, rnd) if rnd is not None and rnd.k > 0 else NO_PROPOSAL
             t1 = time.perf_counter()
@@ -154,7 +155,7 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
                 n, bonus = accept_sampled(logits, prop.tokens, prop.q, sp, rng)
             dt = time.perf_counter() - t1
             stats.verify_s += dt
-            if costs_seen is not None:
+            if costs_seen is not None and target.active == 1:  # a batched step is not verify(k+1) alone
                 costs_seen.observe_verify(k + 1, dt)
             if k:
                 target.truncate(len(seq) + n)

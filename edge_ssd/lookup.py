@@ -11,6 +11,7 @@ model step, only verification rows; the loop checks them like any other (lossles
 """
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from typing import Optional, Sequence
 
@@ -31,7 +32,8 @@ class TokenStore:
     """Documents of tokens in one array, with an index from each KEY-gram to where it ends.
 
     Bounded: past `capacity` tokens the oldest half is dropped and the index rebuilt, so
-    memory stays at O(capacity) however long the engine runs.
+    memory stays at O(capacity) however long the engine runs. Requests decoding together
+    read it while one that ends adds to it: `add`, `clear` and `continuation` take a lock.
     """
 
     def __init__(self, capacity: int = CACHE_TOKENS):
@@ -39,6 +41,7 @@ class TokenStore:
         self.arr = np.full(capacity + 1, -1, np.int64)  # -1 separates documents: no match crosses one
         self.n = 0
         self.index: dict = defaultdict(list)   # KEY-gram -> positions just after it
+        self._lock = threading.Lock()
 
     @staticmethod
     def max_bytes(capacity: int = CACHE_TOKENS) -> int:
@@ -48,11 +51,21 @@ class TokenStore:
 
     def clear(self) -> None:
         """Forget every document (a benchmark measures each request as if it came first)."""
-        self.arr[:] = -1
-        self.n = 0
-        self.index = defaultdict(list)
+        with self._lock:
+            self.arr[:] = -1
+            self.n = 0
+            self.index = defaultdict(list)
 
     def add(self, tokens: Sequence[int]) -> None:
+        with self._lock:
+            self._add(tokens)
+
+    def continuation(self, seq: Sequence[int], k: int) -> list:
+        """Up to k tokens the store's matches of seq's suffix agree should follow (matches + vote)."""
+        with self._lock:
+            return self.vote(self.matches(seq), k)
+
+    def _add(self, tokens: Sequence[int]) -> None:
         toks = list(tokens)[-self.capacity // 2:]
         if len(toks) < KEY + 1:
             return
@@ -136,7 +149,7 @@ class SuffixCacheDrafter(Drafter):
         pass
 
     def propose(self, seq: list, rnd: DraftRound) -> Proposal:
-        tokens = self.store.vote(self.store.matches(seq), rnd.k) if rnd.k > 0 else []
+        tokens = self.store.continuation(seq, rnd.k) if rnd.k > 0 else []
         return Proposal(tokens, None, [], DraftSource.SUFFIX)
 
 
@@ -161,7 +174,7 @@ class PredictionDrafter(Drafter):
             head = self.prediction[:produced]
             if seq[self.base:] == head:
                 return Proposal(self.prediction[produced:produced + rnd.k], None, [], DraftSource.PREDICTION)
-        tokens = self.store.vote(self.store.matches(seq), rnd.k)
+        tokens = self.store.continuation(seq, rnd.k)
         return Proposal(tokens, None, [], DraftSource.PREDICTION)
 
 

@@ -1,10 +1,17 @@
 """One decoder on ONNX Runtime, with its KV cache in a static buffer.
 
-The graph's GroupQueryAttention reads past K/V from a [1, kv_heads, max_context, head_dim]
+The graph's GroupQueryAttention reads past K/V from a [batch, kv_heads, max_context, head_dim]
 buffer and writes the new entries into the same buffer (input and output are bound to one
-OrtValue). So the cache never grows, is never copied, and stays on the device for CUDA or
-DirectML; rolling back after a partial accept is just lowering `length`: stale entries past it
-are ignored (attention reads `seqlens_k`) and overwritten by the next step.
+address). So the cache never grows, is never copied, and stays on the device for CUDA or
+DirectML; rolling back after a partial accept is just lowering a length: stale entries past
+it are ignored (attention reads `seqlens_k`) and overwritten by the next step.
+
+The buffer holds `slots` sequences ([slots, kv_heads, max_context, head_dim] per layer):
+a forward binds the contiguous range of slots it runs, by address, so one sequence runs alone
+(`forward(ids, slot=s)`) and several take one-row steps together (`step(slots, tokens)`,
+batching.py) on the same memory. ONNX Runtime's CPU GroupQueryAttention refuses several rows
+per sequence in a batch with a past ("batch_size must be 1 when sequence_length > 1"), so a
+batched forward is one row per sequence, and verification of K+1 rows runs one sequence.
 """
 from __future__ import annotations
 
@@ -38,11 +45,12 @@ def session_options(threads: int) -> ort.SessionOptions:
 
 
 class OnnxLM:
-    """A causal LM session: `forward(ids, keep)` appends ids to the cache and returns logits."""
+    """A causal LM session. `forward(ids, keep, slot)` appends ids to one slot's cache and returns
+    logits; `step(slots, tokens)` appends one token to each of several slots in one forward."""
 
     def __init__(self, entry: ModelEntry, provider: str = "cpu", threads: int = 2,
                  max_context: Optional[int] = None, max_keep: int = 17,
-                 min_rows: int = 1, allocate: bool = True):
+                 min_rows: int = 1, allocate: bool = True, slots: int = 1):
         self.entry = entry
         # Quantized MatMul kernels compute a lone row differently from a row among several
         # (measured: up to 0.22 logit on the int4 target), while any M >= 2 gives bit-identical
@@ -61,40 +69,87 @@ class OnnxLM:
         self.providers_used = self.session.get_providers()
         self.device = DEVICE_OF[provider] if self.providers_used[0] == PROVIDERS[provider] else "cpu"
         self.io = self.session.io_binding()
-        self.kv: list = []
-        if allocate:
-            self.allocate(self.max_context)
         self.vocab = entry.vocab_size
-        self.logits = np.empty((1, max_keep, self.vocab), np.float32)
-        self.length = 0
+        self.max_keep = max_keep
+        self.slots = slots
+        self.kv: list = []
+        self.lengths: list = [0] * slots
+        if allocate:
+            self.allocate(self.max_context, slots)
 
-    def allocate(self, max_context: int) -> None:
-        """(Re)allocate the static KV buffers for `max_context` tokens and bind them.
+    def allocate(self, max_context: int, slots: Optional[int] = None) -> None:
+        """(Re)allocate the static KV buffers for `slots` sequences of `max_context` tokens.
 
         Separate from loading so that the memory governor can size the cache after measuring
         what the weights really take.
         """
-        entry = self.entry
-        self.max_context = min(entry.max_context, max_context)
+        e = self.entry
+        self.slots = slots or self.slots
+        self.max_context = min(e.max_context, max_context)
         self.kv = []  # drop the old buffers before allocating new ones
-        dtype = np.float16 if entry.kv_dtype == "float16" else np.float32
-        shape = [1, entry.num_kv_heads, self.max_context, entry.head_dim]
-        for i in range(entry.num_layers):
+        self.dtype = np.float16 if e.kv_dtype == "float16" else np.float32
+        self.positions = self.max_context
+        shape = [self.slots, e.num_kv_heads, self.positions, e.head_dim]
+        self.slot_bytes = e.num_kv_heads * self.positions * e.head_dim * np.dtype(self.dtype).itemsize
+        names = []
+        for i in range(e.num_layers):
             for kind in ("key", "value"):
-                buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, 0)
-                self.io.bind_ortvalue_input(entry.io["inputs"][f"past_{kind}"].format(i=i), buf)
-                self.io.bind_ortvalue_output(entry.io["outputs"][f"present_{kind}"].format(i=i), buf)
-                self.kv.append(buf)
-        self.length = 0
+                names.append((e.io["inputs"][f"past_{kind}"].format(i=i), e.io["outputs"][f"present_{kind}"].format(i=i)))
+                self.kv.append(ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, 0))
+        self._kv_names = names
+        self._bound: Optional[tuple] = None
+        self.lengths = [0] * self.slots
+        # logits: each slot's own rows, valid until that slot's next forward (a batched step
+        # writes into a scratch buffer and copies each slot's row there: a batch that spans a
+        # slot it leaves out must not overwrite the rows that slot is still reading)
+        self._rows = [np.empty((0, self.vocab), np.float32) for _ in range(self.slots)]
+        self._scratch = np.empty((self.slots, 1, self.vocab), np.float32) if self.slots > 1 else None
+
+    @property
+    def length(self) -> int:
+        """Tokens in slot 0's cache (the single-sequence interface)."""
+        return self.lengths[0]
+
+    @property
+    def active(self) -> int:
+        """Requests sharing this model's forwards: one, on this single-sequence interface."""
+        return 1
 
     @property
     def kv_bytes(self) -> int:
-        return self.max_context * self.entry.kv_bytes_per_token
+        return self.slots * self.max_context * self.entry.kv_bytes_per_token
 
-    def forward(self, ids: Sequence[int], keep: int = 1) -> np.ndarray:
-        """Feed ids after the cached prefix; return float32 logits [keep, vocab] of the last positions.
+    def _bind_kv(self, lo: int, hi: int) -> None:
+        """Bind slots [lo, hi) of every layer's buffer, by address, as past and present."""
+        if self._bound == (lo, hi):
+            return
+        e = self.entry
+        shape = [hi - lo, e.num_kv_heads, self.positions, e.head_dim]
+        offset = lo * self.slot_bytes
+        for (past, present), buf in zip(self._kv_names, self.kv):
+            ptr = buf.data_ptr() + offset
+            self.io.bind_input(past, self.device, 0, self.dtype, shape, ptr)
+            self.io.bind_output(present, self.device, 0, self.dtype, shape, ptr)
+        self._bound = (lo, hi)
 
-        The returned array is a view of a reused buffer: valid until the next call.
+    def _run(self, lo: int, ids: np.ndarray, seqlens: np.ndarray, rows: int, out: np.ndarray) -> None:
+        """One forward over slots [lo, lo + len(ids)): ids [b, S], seqlens_k [b] (each slot's
+        length after the step, minus one), logits of the last `rows` positions into out [b, rows, V]."""
+        names = self.entry.io["inputs"]
+        io = self.io
+        self._bind_kv(lo, lo + ids.shape[0])
+        io.bind_cpu_input(names["input_ids"], ids)
+        io.bind_cpu_input(names["seqlens_k"], seqlens)
+        io.bind_cpu_input(names["total_sequence_length"], np.array(int(seqlens.max()) + 1, np.int32))
+        io.bind_cpu_input(names["logits_to_keep"], np.array([rows], np.int64))
+        io.bind_output(self.entry.io["outputs"]["logits"], "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        self.session.run_with_iobinding(io)
+
+    def forward(self, ids: Sequence[int], keep: int = 1, slot: int = 0) -> np.ndarray:
+        """Feed ids after slot `slot`'s cached prefix; return float32 logits [keep, vocab] of
+        the last positions.
+
+        The returned array is a view of the slot's reused buffer: valid until its next call.
         """
         n = len(ids)
         if n == 0 or not 1 <= keep <= n:
@@ -102,30 +157,53 @@ class OnnxLM:
         pad = max(0, self.min_rows - n)
         if pad:  # padding rows come last, so the real rows are the first `keep` kept rows
             ids = list(ids) + [ids[-1]] * pad
-        total = self.length + n + pad
+        total = self.lengths[slot] + n + pad
         if total > self.max_context:
             raise RequestError(f"context of {total} tokens exceeds this model's limit of {self.max_context}")
         rows = keep + pad
-        if rows > self.logits.shape[1]:
-            self.logits = np.empty((1, rows, self.vocab), np.float32)
-        names = self.entry.io["inputs"]
-        io = self.io
-        io.bind_cpu_input(names["input_ids"], np.asarray(ids, dtype=np.int64).reshape(1, n + pad))
-        io.bind_cpu_input(names["seqlens_k"], np.array([total - 1], np.int32))
-        io.bind_cpu_input(names["total_sequence_length"], np.array(total, np.int32))
-        io.bind_cpu_input(names["logits_to_keep"], np.array([rows], np.int64))
-        io.bind_output(self.entry.io["outputs"]["logits"], "cpu", 0, np.float32, [1, rows, self.vocab],
-                       self.logits.ctypes.data)
-        self.session.run_with_iobinding(io)
-        self.length += n  # a padding row's cache entry lies beyond `length`: ignored, overwritten
-        return self.logits[0, :keep]
+        out = self._own_rows(slot, rows)[None]
+        self._run(slot, np.asarray(ids, dtype=np.int64).reshape(1, n + pad), np.array([total - 1], np.int32),
+                  rows, out)
+        self.lengths[slot] += n  # a padding row's cache entry lies beyond the length: ignored, overwritten
+        return out[0, :keep]
 
-    def truncate(self, length: int) -> None:
-        """Roll the cache back to its first `length` tokens (free: nothing is copied)."""
-        self.length = min(self.length, max(0, length))
+    def step(self, slots: Sequence[int], tokens: Sequence[int]) -> list:
+        """Append tokens[i] to slot slots[i], all in one forward; return each slot's logits [1, V].
 
-    def reset(self) -> None:
-        self.length = 0
+        The forward spans slots min..max; a slot in that range but not in `slots` gets a
+        padding row at its length (beyond what it holds: ignored, overwritten later; a full
+        slot's last position instead, which only a finished sequence can have). Each returned
+        view is valid until that slot's next forward.
+        """
+        lo, hi = min(slots), max(slots) + 1
+        ids = np.zeros((hi - lo, 1), np.int64)
+        seqlens = np.array([min(n, self.max_context - 1) for n in self.lengths[lo:hi]], np.int32)
+        for s, t in zip(slots, tokens):
+            if self.lengths[s] + 1 > self.max_context:
+                raise RequestError(f"context of {self.lengths[s] + 1} tokens exceeds this model's limit "
+                                   f"of {self.max_context}")
+            ids[s - lo, 0] = t
+        self._run(lo, ids, seqlens, 1, self._scratch[:hi - lo])
+        out = []
+        for s in slots:
+            self.lengths[s] += 1
+            row = self._own_rows(s, 1)
+            row[0] = self._scratch[s - lo, 0]
+            out.append(row)
+        return out
+
+    def _own_rows(self, slot: int, rows: int) -> np.ndarray:
+        """The first `rows` rows of the slot's logits buffer (grown to max_keep rows at once)."""
+        if rows > self._rows[slot].shape[0]:
+            self._rows[slot] = np.empty((max(rows, self.max_keep), self.vocab), np.float32)
+        return self._rows[slot][:rows]
+
+    def truncate(self, length: int, slot: int = 0) -> None:
+        """Roll a slot's cache back to its first `length` tokens (free: nothing is copied)."""
+        self.lengths[slot] = min(self.lengths[slot], max(0, length))
+
+    def reset(self, slot: int = 0) -> None:
+        self.lengths[slot] = 0
 
 
 def prefill(lm, ids: Sequence[int], chunk: int) -> Iterator[np.ndarray]:

@@ -8,7 +8,8 @@ tokens-per-second:  E[j+1] / cost(j+1) > E[j] / cost(j),  with
 E[j] = 1 + sum_i prod_{l<=i} a(c_l)  and  cost(j) = j x draft_step x s + verify(j+1), where s
 is the share of drafting that delays the round: 1 for sequential drafting, lower in parallel
 mode, where a hit in the speculation cache hides the next round's drafting.
-That single rule is both the adaptive K and the confidence stop. When even the best K at the
+That single rule is both the adaptive K and the confidence stop. With several requests in a
+batch, verify(j + 1) is replaced by what the round costs the whole batch (`batch_cost`). When even the best K at the
 recent per-token acceptance is not expected to beat a plain step, the round drafts nothing
 (K = 0: a plain target step), with an occasional probe so the estimates can recover when the
 text becomes predictable again.
@@ -45,6 +46,28 @@ def best_length(rate: float, lengths: Iterable[int], cost: Callable[[int], float
         if r > best:
             best_n, best = n, r
     return best_n, best
+
+
+def batch_cost(costs: StepCosts, active: int, rows: int) -> float:
+    """Seconds a round of `rows` target rows for one of `active` batched requests is worth,
+    in the units the policy compares; with one request, verify(rows).
+
+    A batched step gives the `active` slots one row each in one forward: R = n / verify(n)
+    tokens per second (the same matmuls as an n-row verification). A slot that verifies K+1
+    rows alone instead takes its row out of the batch (saving r = verify(n) - verify(n-1)) and
+    holds the device for T = verify(K+1) (plus its drafting), so it pays iff the tokens it
+    adds beat what the batch makes meanwhile: E - 1 > R (T - r). As a cost comparable by
+    E / cost: cost(1) = 1 / R (staying in the batch), cost(rows) = 1 / R + verify(rows) - r.
+    As n grows R grows, and fewer drafts pay: K shrinks with concurrency.
+    """
+    if active <= 1:
+        return costs.verify_rows(rows)
+    n = active
+    batch = costs.verify_rows(n)
+    per_token = batch / n
+    if rows <= 1:
+        return per_token
+    return per_token + costs.verify_rows(rows) - (batch - costs.verify_rows(n - 1))
 
 
 @dataclass
@@ -103,6 +126,7 @@ class SpecPolicy:
     k_min: int = 0
     k_max: int = 8
     draft_share: float = 1.0   # of drafting time on the critical path (the drafter's, set by the loop)
+    active: int = 1            # requests batched with this one (set by the loop each round)
     rate: DecayedRate = field(default_factory=lambda: DecayedRate(*TOKEN_RATE_PRIOR))
     observed: int = 0          # model-drafted rounds seen
 
@@ -122,6 +146,10 @@ class SpecPolicy:
         """Most tokens this round may draft."""
         return max(0, min(self.k_limit, room))
 
+    def cost(self, rows: int) -> float:
+        """What a round verifying `rows` rows costs, for this request among `active` ones."""
+        return batch_cost(self.costs, self.active, rows)
+
     def model_round_pays(self) -> bool:
         """Run the draft model this round? Yes when expected to beat a plain target step, and
         once every PROBE_EVERY declined rounds anyway, so the estimate can recover."""
@@ -133,26 +161,24 @@ class SpecPolicy:
 
     def model_pays_estimate(self) -> bool:
         """Is a model-drafted round expected to beat a plain step?"""
-        return self.fixed_k is not None or self.k_min > 0 or self.model_rate() > 1 / self.costs.verify_rows(1)
+        return self.fixed_k is not None or self.k_min > 0 or self.model_rate() > 1 / self.cost(1)
 
     def model_rate(self) -> float:
         """Expected tokens per second of a model-drafted round at the recent per-token
         acceptance, for the best K (or the fixed one)."""
-        c = self.costs
+        d = self.costs.draft_step * self.draft_share
         ks = [self.fixed_k] if self.fixed_k else range(max(1, self.k_min), self.k_max + 1)
-        return best_length(self.rate.value, ks,
-                           lambda k: k * c.draft_step * self.draft_share + c.verify_rows(k + 1))[1]
+        return best_length(self.rate.value, ks, lambda k: k * d + self.cost(k + 1))[1]
 
     def keep_drafting(self, confs: Sequence[float]) -> bool:
         """After drafting len(confs) tokens: is drafting one more expected to pay?"""
         j = len(confs)
         if self.fixed_k is not None or j < max(1, self.k_min):
             return True
-        c = self.costs
         accept = [self.acceptance.prob(x) for x in confs]
-        d = c.draft_step * self.draft_share
-        cost_now = j * d + c.verify_rows(j + 1)
-        cost_next = cost_now + d + c.verify_rows(j + 2) - c.verify_rows(j + 1)
+        d = self.costs.draft_step * self.draft_share
+        cost_now = j * d + self.cost(j + 1)
+        cost_next = cost_now + d + self.cost(j + 2) - self.cost(j + 1)
         return expected_tokens(accept + accept[-1:]) / cost_next > expected_tokens(accept) / cost_now
 
     def state(self) -> dict:

@@ -1,7 +1,7 @@
 """A scripted language model for fast, torch-free tests of the loop, the drafters and the policy.
 
 FakeLM has the part of OnnxLM's interface that decoding uses (forward, truncate, reset,
-length, max_context, min_rows). Its next token is a fixed function of the last three tokens,
+length, max_context, min_rows, active). Its next token is a fixed function of the last three tokens,
 so text repeats (n-gram drafting finds matches) and every run is reproducible. A draft built
 with `agree_with=target, agreement=a` predicts the target's next token on a share a of
 positions (chosen by a hash of the context, so the same positions every run); elsewhere it
@@ -25,8 +25,9 @@ def _hash(ctx: Sequence[int], salt: int) -> int:
 class FakeLM:
     def __init__(self, vocab: int = 64, max_context: int = 512, seed: int = 0,
                  agree_with: Optional["FakeLM"] = None, agreement: float = 1.0, runner_up: bool = True,
-                 min_rows: int = 1):
+                 min_rows: int = 1, active: int = 1):
         self.vocab, self.max_context, self.seed, self.min_rows = vocab, max_context, seed, min_rows
+        self.active = active  # requests batched with this one: the policy prices rounds by it
         self.agree_with, self.agreement, self.runner_up = agree_with, agreement, runner_up
         self.tokens: list = []
         self.calls = 0  # forward passes run

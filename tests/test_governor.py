@@ -72,6 +72,8 @@ def test_check_branches():
     assert g.check(8, True) == "ok"
     assert g.check(8, True) == "lower_k" and g.k_cap == 4      # low available memory: halve K
     assert g.check(1, True) == "drop_draft"                     # K cannot go lower: drop the draft
+    assert g.check(4, True) == "drop_draft"                     # another running request drops it too
+    g.draft_dropped = False                                     # (the engine took the draft back)
     assert g.check(4, True) == "drop_draft"                     # critical: straight to dropping
     assert g.check(0, False) == "abort"                         # over budget with no draft left
     assert g.check(0, False) == "ok"                            # low but not critical, not over budget

@@ -58,7 +58,7 @@ class ServeOptions:
     api_key: Optional[str] = None         # when set, /v1/* and /metrics need `Authorization: Bearer KEY`
     host: str = "127.0.0.1"               # the bind address: with loopback names, what Host may name
     allowed_hosts: tuple = ()             # more Host names (`name` or `name:port`; `*`: no check)
-    max_concurrency: int = 1              # requests generating at once (the engine runs one at a time)
+    max_concurrency: int = 1              # requests generating at once (the engine's slots, batched together)
     queue: int = 8                        # requests waiting for a slot; beyond: 429
     max_body_bytes: int = MiB             # larger request bodies: 413
     max_tokens_cap: Optional[int] = None  # largest max_tokens accepted (default: the engine's context)
@@ -112,7 +112,9 @@ class EdgeServer:
         self.jobs: set = set()
         self.created = now()
         self.hosts = HostPolicy(options.host, options.allowed_hosts)
-        self.turn = threading.Lock()  # one generation uses the engine at a time (see GenerationThread)
+        # generations using the engine at once: its slots (see GenerationThread); more admitted
+        # requests wait for one
+        self.turn = threading.Semaphore(getattr(engine, "slots", 1))
         self._key = options.api_key.encode("ascii") if options.api_key is not None else None
 
     # -- checks ------------------------------------------------------------------------------
@@ -489,7 +491,8 @@ def build_app(engine, options: Optional[ServeOptions] = None):
     @handles_errors
     async def metrics(request):
         srv.check_auth(request)
-        return PlainTextResponse(srv.metrics.render(srv.gate, srv.model),
+        batch = srv.engine.batch_stats() if hasattr(srv.engine, "batch_stats") else None
+        return PlainTextResponse(srv.metrics.render(srv.gate, srv.model, batch),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def http_error(request, exc: HTTPException):

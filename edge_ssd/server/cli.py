@@ -28,7 +28,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--api-key", default=None,
                    help="require Authorization: Bearer KEY (default: $EDGE_SSD_API_KEY if set)")
-    s.add_argument("--max-concurrency", type=int, default=1, help="requests generating at once")
+    s.add_argument("--max-concurrency", type=int, default=1,
+                   help="requests generating at once, batched together (the engine's slots)")
     s.add_argument("--queue", type=int, default=8, help="requests waiting for a slot; more get 429")
     s.add_argument("--max-body", type=int, default=MiB, help="largest request body in bytes (413 beyond)")
     s.add_argument("--max-tokens-cap", type=int, default=None,
@@ -99,7 +100,7 @@ def serve(args) -> int:
     options = options_from_args(args)
     sock = bind_socket(args.host, args.port)
     try:
-        engine = engine_from_args(args)
+        engine = engine_from_args(args, slots=options.max_concurrency)
         check_defaults(engine, options.defaults)
         app = build_app(engine, options)
         srv = app.state.edge_ssd

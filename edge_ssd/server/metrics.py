@@ -1,8 +1,9 @@
 """Prometheus metrics: counters of what was served, gauges of the last requests and the process."""
 from __future__ import annotations
 
+import time
 from collections import Counter, deque
-from typing import Any
+from typing import Any, Optional
 
 from .admission import Gate
 
@@ -18,6 +19,7 @@ class Metrics:
         self.generation_s = 0.0
         self.disconnects = 0
         self.recent: deque = deque(maxlen=window)  # stats dicts of the last requests
+        self.spans: deque = deque(maxlen=window)   # (start, end, new tokens) of the last requests
 
     def finished(self, stats: dict, reason: str = "") -> None:
         self.finishes[reason or stats.get("finish_reason") or "stop"] += 1
@@ -27,8 +29,19 @@ class Metrics:
         self.accepted += int(stats.get("accepted", 0))
         self.generation_s += float(stats.get("total_s", 0.0))
         self.recent.append(stats)
+        end = time.monotonic()
+        self.spans.append((end - float(stats.get("total_s", 0.0)), end, int(stats.get("new_tokens", 0))))
 
-    def render(self, gate: Gate, model: str) -> str:
+    def aggregate_rate(self) -> float:
+        """Tokens per second the last requests made together: their tokens over the time from the
+        first one's start to the last one's end (requests decoding at once add up)."""
+        spans = list(self.spans)
+        if not spans:
+            return 0.0
+        wall = max(e for _, e, _ in spans) - min(s for s, _, _ in spans)
+        return sum(n for _, _, n in spans) / wall if wall > 0 else 0.0
+
+    def render(self, gate: Gate, model: str, batch: Optional[dict] = None) -> str:
         import psutil
 
         out = []
@@ -60,8 +73,15 @@ class Metrics:
         metric("generation_seconds_total", "counter", "Time spent generating.", [({}, round(self.generation_s, 4))])
         metric("client_disconnects_total", "counter", "Requests stopped because the client went away.",
                [({}, self.disconnects)])
-        metric("tokens_per_second", "gauge", f"Mean decode rate of the last {self.recent.maxlen} requests.",
-               [({}, round(sum(rates) / len(rates), 3) if rates else 0.0)])
+        metric("tokens_per_second", "gauge", f"Mean decode rate of the last {self.recent.maxlen} requests "
+               "(each request's own rate).", [({}, round(sum(rates) / len(rates), 3) if rates else 0.0)])
+        metric("aggregate_tokens_per_second", "gauge", f"Tokens per second of the last {self.recent.maxlen} "
+               "requests together, first start to last end.", [({}, round(self.aggregate_rate(), 3))])
+        if batch is not None:
+            metric("batch_slots", "gauge", "Requests the engine decodes together at most.", [({}, batch["slots"])])
+            metric("batch_steps_total", "counter", "Batched one-row target forwards run.", [({}, batch["steps"])])
+            metric("batch_occupancy", "gauge", "Mean requests per batched forward so far.",
+                   [({}, round(batch["rows"] / batch["steps"], 3) if batch["steps"] else 0.0)])
         metric("acceptance_rate", "gauge", f"Draft acceptance rate over the last {self.recent.maxlen} requests.",
                [({}, round(accepted / drafted, 4) if drafted else 0.0)])
         metric("mean_accepted_length", "gauge", "Mean draft tokens accepted per round, last requests.",

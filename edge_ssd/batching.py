@@ -23,10 +23,12 @@ import numpy as np
 
 from .model import OnnxLM
 
-# How long a slot's one-row step waits for the other active slots to ask for theirs. Their
-# loops come back within a fraction of a millisecond of a step (accepting, drafting by lookup,
-# text); a slot that is late (its consumer is slow, it is drafting with the model) costs the
-# others at most this much per step, and then runs in the next forward.
+# How long the pending one-row steps wait for the other active slots to ask for theirs, from
+# when the device is free for them. Their loops come back within a fraction of a millisecond
+# of a step (accepting, drafting by lookup, text); a slot that is late (its consumer is slow,
+# it is drafting with the model) costs the others at most this much per step. The window
+# restarts when a forward ends, so a slot that missed one batch waits for the slots that just
+# got their logits, and the batch does not split for good into groups that alternate.
 GATHER_S = 0.003
 
 
@@ -50,6 +52,7 @@ class Batcher:
         self._pending: dict = {}        # slot -> token of a one-row step not yet run
         self._done: dict = {}           # slot -> logits of a finished one-row step
         self._running = False
+        self._window_end: Optional[float] = None  # the pending steps run by then, all slots or not
         self.steps = 0                  # batched forwards run, and the rows they carried
         self.rows = 0
 
@@ -90,16 +93,20 @@ class Batcher:
 
     def step(self, slot: int, token: int) -> np.ndarray:
         """Run slot's one-row forward within a batch of every slot that asks for one now."""
-        deadline = time.perf_counter() + GATHER_S
         with self._cv:
             self._pending[slot] = token
+            if self._window_end is None and not self._running:
+                self._window_end = time.perf_counter() + GATHER_S
             self._cv.notify_all()
             while slot not in self._done:
+                if self._running:
+                    self._cv.wait()
+                    continue
                 ready = len(self._pending) + self._solo >= len(self._active)
-                if not self._running and self._pending and (ready or time.perf_counter() >= deadline):
+                if self._pending and (ready or time.perf_counter() >= self._window_end):
                     self._lead()
                     continue
-                self._cv.wait(max(1e-4, deadline - time.perf_counter()) if not self._running else None)
+                self._cv.wait(max(1e-4, self._window_end - time.perf_counter()))
             out = self._done.pop(slot)
         if isinstance(out, BaseException):
             raise out
@@ -111,6 +118,7 @@ class Batcher:
         batch = dict(sorted(self._pending.items()))
         self._pending.clear()
         self._running = True
+        self._window_end = None
         self._cv.release()
         try:
             with self.device:
@@ -121,6 +129,8 @@ class Batcher:
         finally:
             self._cv.acquire()
             self._running = False
+            if self._pending:  # steps that arrived meanwhile: a new window, from now
+                self._window_end = time.perf_counter() + GATHER_S
         self.steps += 1
         self.rows += len(batch)
         self._done.update(results)

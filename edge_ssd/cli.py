@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--modes", default="ar,spec",
                    help="comma-separated; each MODE[/key=value...], e.g. ar,spec,spec/k=4,spec/drafter=ngram")
     b.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens)
+    b.add_argument("--concurrency", type=positive_int, default=1,
+                   help="requests at a time per mode, batched on that many slots (1: one after another)")
     b.add_argument("--json", type=Path, default=None, help="write all results here")
     b.add_argument("--chart", type=Path, default=None,
                    help="also draw OUT.png (tokens/s, speed-up, acceptance per category) and OUT-drafts.png "

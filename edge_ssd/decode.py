@@ -63,13 +63,22 @@ def _draft_round(policy: SpecPolicy, drafter: Drafter, room: int, governor: Opti
                       fanout_cap=governor.fanout_cap if governor is not None else None)
 
 
+# Prompt tokens per forward while other requests are decoding in the same batch: a prefill
+# forward holds the device, so every other stream waits for it; 64 tokens keeps that wait near
+# a few decoding steps' time while the matmuls still run at prefill efficiency.
+SHARED_PREFILL_CHUNK = 64
+
+
 def _prefill(target: OnnxLM, drafter: Optional[Drafter], prompt: list, governor: Optional[Governor]):
-    """Feed the prompt to both models in chunks the memory budget allows; between chunks check
-    memory and yield [] (the consumer may stop a long prompt there). Returns the last logits."""
+    """Feed the prompt to both models in chunks the memory budget allows (shorter ones while
+    other requests decode beside it); between chunks check memory and yield [] (the consumer
+    may stop a long prompt there). Returns the last logits."""
     chunk = len(prompt)
     if governor is not None:
         e = target.entry
         chunk = governor.prefill_chunk(prefill_bytes_per_token(e.hidden_size, e.num_heads, len(prompt)))
+    if target.active > 1:
+        chunk = min(chunk, SHARED_PREFILL_CHUNK)
     if drafter is not None:
         drafter.start(prompt, chunk)
     for i, logits in enumerate(prefill(target, prompt, chunk)):

@@ -50,7 +50,10 @@ def read_prompts(path: Path, limit: Optional[int] = None, categories: Optional[s
         if limit is not None and per_cat[cat] >= limit:
             continue
         per_cat[cat] += 1
-        rows.append({"id": obj.get("question_id", n), "category": cat, "prompt": prompt})
+        row = {"id": obj.get("question_id", obj.get("id", n)), "category": cat, "prompt": prompt}
+        if isinstance(obj.get("prediction"), str):  # an edit task's expected output (mode option prediction=given)
+            row["prediction"] = obj["prediction"]
+        rows.append(row)
     return rows
 
 
@@ -215,7 +218,8 @@ def others_cpu_share(start: tuple, end: tuple) -> float:
     return max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / wall) if wall > 0 else 0.0
 
 
-MODE_OPTIONS = ("k", "drafter", "k_min", "k_max", "fanout")
+MODE_OPTIONS = ("k", "drafter", "k_min", "k_max", "fanout", "prediction")
+GIVEN = "given"  # prediction=given: the prompt line's own `prediction` (edit tasks)
 
 
 def fresh_generate(engine, prompt: str, **kw):
@@ -233,8 +237,10 @@ def parse_mode(spec: str) -> dict:
         key, sep, val = o.partition("=")
         if not sep or key not in MODE_OPTIONS:
             raise EdgeSSDError(f"bad mode option {o!r} in {spec!r} (use {', '.join(k + '=' for k in MODE_OPTIONS)})")
+        if key == "prediction" and val != GIVEN:
+            raise EdgeSSDError(f"bad mode option {o!r} in {spec!r}: prediction takes only {GIVEN!r}")
         try:
-            kw[key] = val if key == "drafter" or val == "auto" else int(val)
+            kw[key] = val if key in ("drafter", "prediction") or val == "auto" else int(val)
         except ValueError:
             raise EdgeSSDError(f"bad mode option {o!r} in {spec!r}: {key} takes an integer") from None
     try:
@@ -242,6 +248,15 @@ def parse_mode(spec: str) -> dict:
     except EdgeSSDError as e:
         raise EdgeSSDError(f"bad mode {spec!r}: {e}") from None
     return kw
+
+
+def mode_request(kw: dict, prompt: dict) -> dict:
+    """A mode's keyword arguments for one prompt line: prediction=given becomes its prediction."""
+    if kw.get("prediction") != GIVEN:
+        return kw
+    if "prediction" not in prompt:
+        raise EdgeSSDError(f"mode option prediction=given, but prompt {prompt['id']!r} has no `prediction`")
+    return {**kw, "prediction": prompt["prediction"]}
 
 
 def _top2_margin(engine, prompt: str, prefix: list) -> float:
@@ -269,7 +284,8 @@ def _run_modes(engine, prompts: list, modes: list, mode_kw: dict, args, bar: Bar
     if args.concurrency == 1:
         for i, p in enumerate(prompts):
             for m in modes:
-                runs[i][m] = fresh_generate(engine, p["prompt"], max_new_tokens=args.max_new_tokens, **mode_kw[m])
+                runs[i][m] = fresh_generate(engine, p["prompt"], max_new_tokens=args.max_new_tokens,
+                                            **mode_request(mode_kw[m], p))
                 bar.update(1)
         return runs, {}
     aggregate = {}
@@ -277,7 +293,8 @@ def _run_modes(engine, prompts: list, modes: list, mode_kw: dict, args, bar: Bar
         engine.suffix_cache.clear()
 
         def one(i: int, mode: str = m):
-            res = engine.generate(prompts[i]["prompt"], max_new_tokens=args.max_new_tokens, **mode_kw[mode])
+            res = engine.generate(prompts[i]["prompt"], max_new_tokens=args.max_new_tokens,
+                                  **mode_request(mode_kw[mode], prompts[i]))
             bar.update(1)
             return res
         t0 = time.perf_counter()

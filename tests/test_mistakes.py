@@ -118,6 +118,7 @@ def test_bad_generate_flags_are_one_line(fp32_bundle, args, words):
     (["--modes", "ar,spec/k=x"], "takes an integer"),
     (["--modes", "ar,fast"], "mode must be"),
     (["--modes", "ar,spec/k=99"], "k must be"),
+    (["--modes", "ar,spec/prediction=yes"], "prediction takes only 'given'"),
     (["--prompts", "{tmp}/bad.jsonl"], "bad.jsonl:2"),
 ])
 def test_bad_bench_flags_are_one_line_before_the_run(fp32_bundle, tmp_path, args, words):

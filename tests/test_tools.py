@@ -57,6 +57,36 @@ def test_bench_cli_side_by_side(fp32_bundle, tmp_path):
     assert all(all(r["identical"].values()) for r in res["results"])  # fp32: every mode = target's output
 
 
+def test_bench_edit_tasks_with_their_predictions(fp32_bundle, tmp_path):
+    """prediction=given drafts from each line's own prediction; the output stays the target's,
+    and the prediction drafted tokens. Four lines at a time (--concurrency) give the same output."""
+    from edge_ssd import Engine
+
+    code = "def add(a, b):\n    return a + b\n"
+    engine = Engine.load(fp32_bundle.path, threads=1)
+    lines = []
+    for i in range(4):  # the prediction: the target's own answer with its second half changed
+        answer = engine.generate(code * (i + 1), max_new_tokens=12).text
+        lines.append({"id": f"e{i}", "category": "edit", "prompt": code * (i + 1),
+                      "prediction": answer[:len(answer) // 2] + "xyz" * 5})
+    prompts = tmp_path / "edits.jsonl"
+    prompts.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    outs = {}
+    for conc in ("1", "4"):
+        out = tmp_path / f"bench-{conc}.json"
+        p = subprocess.run([sys.executable, "-m", "edge_ssd.cli", "bench", "--bundle", str(fp32_bundle.path),
+                            "--prompts", str(prompts), "--modes", "ar,spec/prediction=given", "--max-new-tokens", "12",
+                            "--json", str(out), "--threads", "1", "--concurrency", conc],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        outs[conc] = json.loads(out.read_text())
+    for res in outs.values():
+        assert all(all(r["identical"].values()) for r in res["results"])
+    assert outs["4"]["concurrency"] == 4 and set(outs["4"]["aggregate"]) == {"ar", "spec/prediction=given"}
+    used = [r["modes"]["spec/prediction=given"]["drafters"].get("prediction", {}) for r in outs["1"]["results"]]
+    assert sum(u.get("drafted", 0) for u in used) > 0
+
+
 def test_parallel_bench_hits_and_cost_model(fp32_bundle, tmp_path):
     """tools/parallel_bench.py hits: per-fan-out hit rates that only grow with the fan-out, and a
     cost-model prediction per assumed verify time."""

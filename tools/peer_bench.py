@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from edge_ssd.bench import (cpu_clock, fresh_generate, others_cpu_share, parse_mode, print_category_tables,
-                            read_prompts, summarize)
+from edge_ssd.bench import (cpu_clock, fresh_generate, mode_request, others_cpu_share, parse_mode,
+                            print_category_tables, read_prompts, summarize)
 from edge_ssd.errors import EdgeSSDError
 from edge_ssd.progress import peak_rss_bytes
 
@@ -192,7 +192,8 @@ def bench_prompt(args, engine, prompt: dict, names: list, flip: bool, workdir: P
         if name.startswith(PEER_PREFIX):
             st = run_peer(args, name[len(PEER_PREFIX):], pfile)
         else:
-            res = fresh_generate(engine, text, raw=True, max_new_tokens=args.max_new_tokens, **parse_mode(name))
+            res = fresh_generate(engine, text, raw=True, max_new_tokens=args.max_new_tokens,
+                                 **mode_request(parse_mode(name), prompt))
             st, ids[name] = dict(res.stats, engine="edge-ssd"), res.token_ids
         rec["modes"][name] = st
         log(f"{prompt['category']} #{prompt['id']} {name}: {st['tokens_per_s']:.1f} tok/s, "

@@ -101,7 +101,7 @@ class Governor:
         plan = self._plan_slots(1, weights, kv_per_token, vocab, want, want_k, fanout, extra)
         if plan is not None:
             if slots > 1:
-                plan.note = f"only one request at a time fits the memory budget" + (f"; {plan.note}" if plan.note else "")
+                plan.note = "only one request at a time fits the memory budget" + (f"; {plan.note}" if plan.note else "")
             return plan
         fixed = self.base_rss + self.margin + extra
         logits = _logits_bytes(vocab, 0, fanout)

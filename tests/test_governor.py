@@ -33,6 +33,18 @@ WEIGHTS = {"target": 1500 * MiB, "draft": 600 * MiB}
 KV = {"target": 57 * 1024, "draft": 24 * 1024}
 
 
+@pytest.mark.parametrize("budget,slots,context,note", [
+    ("3.7GiB", 4, 4096, ""),                                   # 4 caches of 4096 tokens fit
+    ("3.0GiB", 2, 4096, "4 slots of 4096 tokens do not fit"),  # halved until they fit whole
+    ("2.4GiB", 1, None, "only one request at a time"),         # one slot, and a shorter context
+])
+def test_plan_gives_up_slots_before_context(budget, slots, context, note):
+    p = Governor(budget, fixed(16 * GiB)).plan(WEIGHTS, KV, 151936, 4096, 8, 32768, slots=4)
+    assert p.slots == slots and p.use_draft and note in p.note
+    assert p.max_context == context if context else 256 <= p.max_context < 4096
+    assert p.to_json()["slots"] == slots
+
+
 def test_plan_fits_caps_drops_and_refuses():
     g = Governor("8GiB", fixed(16 * GiB))
     p = g.plan(WEIGHTS, KV, 151936, 4096, 8, 32768)

@@ -151,9 +151,11 @@ class SpecPolicy:
         return batch_cost(self.costs, self.active, rows)
 
     def model_round_pays(self) -> bool:
-        """Run the draft model this round? Yes when expected to beat a plain target step, and
-        once every PROBE_EVERY declined rounds anyway, so the estimate can recover."""
-        return self.model_pays_estimate() or self._plain_streak >= PROBE_EVERY
+        """Run the draft model this round? Yes when expected to beat a plain target step, and,
+        alone, once every PROBE_EVERY declined rounds anyway, so the estimate can recover. In a
+        batch a probe would hold every other request back for its drafting and verification:
+        the estimate recovers once the request is alone again."""
+        return self.model_pays_estimate() or (self._plain_streak >= PROBE_EVERY and self.active == 1)
 
     def note_model_round(self, ran: bool) -> None:
         """The draft model ran this round (the probe count restarts) or was declined."""

@@ -196,6 +196,19 @@ def test_drafting_shrinks_as_concurrency_rises():
     assert alone >= 2 and four == 0 and two <= alone
 
 
+def test_no_probe_rounds_in_a_batch():
+    """A declined draft model is probed every PROBE_EVERY rounds alone, never in a batch (a
+    probe holds every other request back)."""
+    from edge_ssd.policy import PROBE_EVERY, SpecPolicy
+    slow_draft = StepCosts(draft_step=0.05, verify=COSTS.verify)
+    for active, probes in ((1, True), (4, False)):
+        p = SpecPolicy(slow_draft, active=active)
+        assert not p.model_round_pays()
+        for _ in range(PROBE_EVERY):
+            p.note_model_round(ran=False)
+        assert p.model_round_pays() == probes
+
+
 # -- the surfaces: server, Python threads (above), CLI --------------------------------------------
 
 def test_server_decodes_requests_together(batched):

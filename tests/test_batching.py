@@ -103,6 +103,21 @@ def test_greedy_output_in_a_batch_equals_output_alone(solo, batched, mode, draft
         assert steps > 0 and rows > 1.5 * steps, (steps, rows)  # most steps carried several requests
 
 
+def test_exact_outputs_with_slots_are_token_for_token(int4_bundle):
+    """--exact with slots: int4 (row-invariant at block 32) outputs of concurrent requests are
+    each one's output alone, for ar and spec alike (one-row steps are not batched there)."""
+    alone = Engine.load(int4_bundle.path, provider="cpu", threads=1, exact=True)
+    shared = Engine.load(int4_bundle.path, provider="cpu", threads=1, exact=True, slots=3)
+    for mode in ("ar", "spec"):
+        want = []
+        for p in PROMPTS[:4]:
+            alone.suffix_cache.clear()
+            want.append(alone.generate(p, mode=mode, max_new_tokens=20, raw=True).token_ids)
+        got = run_threads(lambda i: shared.generate(PROMPTS[i], mode=mode, max_new_tokens=20, raw=True).token_ids, 4)
+        assert got == want, mode
+    assert shared.batch_stats()["steps"] == 0
+
+
 def test_streams_join_and_leave_between_rounds(batched):
     """A stream closed early frees its slot for the next request; the others run on."""
     first = batched.stream(PROMPTS[0], mode="ar", max_new_tokens=40, raw=True)

@@ -153,6 +153,12 @@ def choose_reference(hf_dir: Path, arch: Arch) -> tuple:
         return ref, "numpy-fp32"
     import importlib.util
 
+    from .gguf_source import pointed_gguf
+
+    if pointed_gguf(hf_dir) is not None:  # a GGUF read directly: no weights for transformers to load
+        log.warning("no fp32 reference for %s read directly from GGUF: top-1 agreement not checked",
+                    arch.architecture)
+        return None, "none (no numpy forward for this architecture; a GGUF read directly has no torch model)"
     if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
         return torch_reference(hf_dir), "torch-fp32"
     log.warning("no fp32 reference for %s without torch: top-1 agreement not checked", arch.architecture)

@@ -14,8 +14,8 @@ prints text, not ids; `round_trip` says whether those ids decode back to exactly
 Then, on prompt + llama.cpp's continuation, teacher-forced:
 
 * edge vs llama.cpp: positions where the bundle's argmax is llama.cpp's next token;
-* edge vs fp32 and llama.cpp vs fp32: argmax agreement with the fp32 model, and the mean
-  KL(fp32 || edge) over the continuation positions;
+* edge vs fp32 and llama.cpp vs fp32: argmax agreement with the fp32 model, the mean
+  KL(fp32 || edge) over the continuation positions and the largest |logit difference|;
 * greedy: the bundle's own greedy continuation (n tokens) and its common prefix with llama.cpp's.
 
 `--tokenizer-goldens OUT` instead writes llama.cpp's ids (llama-tokenize, no BOS, special tokens
@@ -149,6 +149,7 @@ def compare_prompt(question: str, args, tok: Tokenizer, lm: OnnxLM, fp32, workdi
         "llama_tokens": len(cont), "round_trip": tok.decode(cont) == text,
         "edge_vs_llama": int((e_arg == nxt).sum()), "fp32_vs_llama": int((r_arg == nxt).sum()),
         "edge_vs_fp32": int((e_arg == r_arg).sum()), "kl_fp32_edge": kl,
+        "max_abs_logit_diff": float(np.abs(edge - ref).max()),
         "greedy_prefix": common_prefix(greedy, cont), "greedy_text_equal": tok.decode(greedy) == text,
     }
 
@@ -158,6 +159,7 @@ def summarize(rows: list) -> dict:
     return {"prompts": len(rows), "positions": n,
             **{k: sum(r[k] for r in rows) / n for k in ("edge_vs_llama", "fp32_vs_llama", "edge_vs_fp32")},
             "mean_kl_fp32_edge": float(np.mean([r["kl_fp32_edge"] for r in rows])),
+            "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in rows),
             "greedy_prefix_median": float(np.median([r["greedy_prefix"] for r in rows])),
             "greedy_full_match": sum(r["greedy_prefix"] >= r["llama_tokens"] for r in rows),
             "prompt_ids_equal": sum(r["prompt_ids_equal"] for r in rows),

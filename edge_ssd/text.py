@@ -209,7 +209,8 @@ def chat_ids(tokenizer: Tokenizer, messages: list) -> list:
     validate_messages(messages)
     specials = [t.content for t in tokenizer.tok.get_added_tokens_decoder().values() if t.special and t.content]
     if not specials:
-        return tokenizer.encode(tokenizer.render_chat(messages))
+        rendered = tokenizer.render_chat(messages)
+        return tokenizer.encode(rendered, bos=not _starts_with_bos(tokenizer, rendered))
     nonce = secrets.token_hex(8)
     start, end = f"\ue000{nonce}\ue001", f"\ue002{nonce}\ue003"
     typed = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
@@ -219,10 +220,17 @@ def chat_ids(tokenizer: Tokenizer, messages: list) -> list:
         raise RequestError("chat template: it cut a special token typed in a message; the message cannot be "
                            "rendered safely")
     with _ENCODE_LOCK:
-        ids = tokenizer.encode(parts[0])  # the BOS, when the bundle adds one, comes first
+        ids = tokenizer.encode(parts[0], bos=not _starts_with_bos(tokenizer, parts[0]))  # one BOS, first
         for i, part in enumerate(parts[1:], 1):
             ids += _encode_text(tokenizer, part) if i % 2 else tokenizer.tok.encode(part, add_special_tokens=False).ids
     return ids
+
+
+def _starts_with_bos(tokenizer: Tokenizer, rendered: str) -> bool:
+    """Whether the template wrote the BOS itself (Gemma's and Llama 3's begin with `{{ bos_token }}`):
+    then encoding must not add a second one, which shifts every position the model was trained on."""
+    bos = tokenizer.meta.get("bos_token")
+    return tokenizer.bos_id is not None and bool(bos) and rendered.startswith(bos)
 
 
 def _encode_text(tokenizer: Tokenizer, text: str) -> list:

@@ -14,7 +14,12 @@ supplies the format's constants and the dequantization kernels (`gguf.quants`).
 Layout notes, checked numerically against the transformers conversion (tests, and the report
 in docs/architecture.md): GGUF lists dims fastest-first, so a tensor read as
 numpy has the Hugging Face [out, in] layout as is. llama.cpp permutes the rows of Q and K for
-the `llama` architecture (rotary on interleaved pairs); `qwen2` is stored unpermuted.
+the `llama` architecture (rotary on interleaved pairs); `qwen2` and `gemma3` are stored
+unpermuted (rotary on halves, as Hugging Face). For `gemma3` llama.cpp's converter stores every
+RMSNorm weight as 1 + w (Gemma3RMSNorm's scale; conversion/gemma.py `norm_shift`), and its
+loader (src/models/gemma3.cpp) fills in what the metadata leaves out: one full-attention layer
+in 6, a 10000 rope base on sliding layers, the attention scale. The mapping here follows that
+loader, so the config is what llama.cpp runs, not what a converter might have meant.
 """
 from __future__ import annotations
 
@@ -23,9 +28,9 @@ import json
 import mmap
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -35,9 +40,6 @@ from .weights import Weights, bf16_to_f32
 GGUF_MAGIC = b"GGUF"
 DIRECT_VERSION = 1  # bump when the light folder's contents change: invalidates cached folders
 POINTER = "gguf-source.json"  # in a light folder: which GGUF serves the weights
-
-# general.architecture -> (Hugging Face architecture, rows of Q and K permuted by llama.cpp)
-ARCHITECTURES = {"qwen2": ("Qwen2ForCausalLM", False), "llama": ("LlamaForCausalLM", True)}
 
 _GLOBAL_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -59,11 +61,20 @@ _LAYER_NAMES = {
     "mlp.down_proj.weight": "ffn_down.weight",
 }
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# Gemma 3's sandwich norms and q/k norms (gguf's TensorNameMap for MODEL_ARCH.GEMMA3): the norm
+# before the MLP is llama.cpp's ffn_norm, so post_attention_layernorm gets a name of its own.
+_GEMMA3_LAYER_NAMES = {
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+}
 
 # The Hugging Face Qwen2 tokenizer's pre-tokenizer split (tokenizer.ggml.pre = "qwen2").
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values of added tokens
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4  # tokenizer.ggml.token_type values
 
 
 class UnsupportedGGUF(SourceError):
@@ -241,13 +252,13 @@ def read_tensor(header: GGUFHeader, name: str) -> np.ndarray:
     return out.reshape(t.shape)
 
 
-def gguf_name(hf_name: str) -> Optional[str]:
+def gguf_name(hf_name: str, arch: str = "llama") -> Optional[str]:
     """The GGUF tensor name of a Hugging Face parameter name (None: not a name we map)."""
     if hf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[hf_name]
-    m = _LAYER_RE.fullmatch(hf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"blk.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    m, names = _LAYER_RE.fullmatch(hf_name), FAMILIES[arch].layer_names
+    if m and m.group(2) in names:
+        return f"blk.{m.group(1)}.{names[m.group(2)]}"
     return None
 
 
@@ -259,21 +270,23 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def open_gguf_weights(path: Path) -> Weights:
-    """weight(hf_name) -> fp32 array in Hugging Face layout, dequantized on demand."""
+    """weight(hf_name) -> fp32 array in Hugging Face layout, dequantized on demand, with what
+    llama.cpp's converter did to it undone (Q/K permutation, Gemma's 1 + w norms)."""
     header = read_header(path, vocabulary=False)
     arch = _arch_name(header)
-    _, permuted = ARCHITECTURES[arch]
-    md = header.metadata
+    family, md = FAMILIES[arch], header.metadata
     heads = int(md[f"{arch}.attention.head_count"])
     kv_heads = int(md.get(f"{arch}.attention.head_count_kv", heads))
 
     def weight(name: str) -> np.ndarray:
-        g = gguf_name(name)
+        g = gguf_name(name, arch)
         if g is None or g not in header.tensors:
             raise SourceError(f"weight {name} not found in {path}" + (f" (as {g})" if g else ""))
         w = read_tensor(header, g)
-        if permuted and (".attn_q." in g or ".attn_k." in g):
+        if family.permuted and (".attn_q." in g or ".attn_k." in g):
             w = unpermute_rows(w, heads if ".attn_q." in g else kv_heads)
+        if family.norm_shift and g.endswith("norm.weight"):
+            w = w - np.float32(family.norm_shift)  # exact: 1 + w was rounded where it was stored
         return w
 
     return weight
@@ -281,34 +294,111 @@ def open_gguf_weights(path: Path) -> Weights:
 
 # ---------------------------------------------------------------------------- config
 
+MetaKey = Callable[..., object]  # key(name, default) -> the value of `<arch>.<name>`; no default: required
+
+
+@dataclass(frozen=True)
+class Family:
+    """How llama.cpp stores one architecture, and what its config.json gets beyond the common
+    fields (`extra_config(key, header, cfg)`)."""
+
+    architecture: str  # the Hugging Face class
+    model_type: str
+    permuted: bool = False  # Q/K rows permuted by the converter
+    norm_shift: float = 0.0  # added by the converter to every *norm.weight
+    layer_names: dict = field(default_factory=lambda: dict(_LAYER_NAMES))
+    extra_config: Optional[Callable[[MetaKey, GGUFHeader, dict], dict]] = None
+
+
+def _gemma3_layer_types(key: MetaKey, n_layers: int) -> list:
+    """Per layer, sliding or full attention, as llama.cpp's load_swa_pattern reads them: a
+    per-layer array (true: sliding), else a period (default 6) whose last layer is full."""
+    pattern = key("attention.sliding_window_pattern", 6)
+    if isinstance(pattern, list):
+        if len(pattern) != n_layers:
+            raise UnsupportedGGUF(f"attention.sliding_window_pattern has {len(pattern)} entries for {n_layers} layers")
+        return ["sliding_attention" if p else "full_attention" for p in pattern]
+    return ["sliding_attention" if i % int(pattern) < int(pattern) - 1 else "full_attention" for i in range(n_layers)]
+
+
+def _gemma3_config(key: MetaKey, header: GGUFHeader, cfg: dict) -> dict:
+    """Gemma 3's fields, from what llama.cpp's loader (src/models/gemma3.cpp) reads.
+
+    query_pre_attn_scalar: llama.cpp scales queries by 1/sqrt(head_dim), except for the 62-layer
+    27B, whose scalar is hidden/heads (gemma_pytorch's config, which it cites). Gemma 3 has no
+    attention soft-cap (its converter asserts so); a final soft-cap only where the GGUF has one.
+    Without a sliding window every layer is full attention (llama.cpp's LLAMA_SWA_TYPE_NONE).
+    """
+    if key("attention.value_length", cfg["head_dim"]) != cfg["head_dim"]:
+        raise UnsupportedGGUF(f"{header.path}: gemma3 with value_length != key_length is not read directly")
+    layers, window = cfg["num_hidden_layers"], int(key("attention.sliding_window", 0))
+    big = layers == 62
+    out = {
+        "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": cfg["hidden_size"] // cfg["num_attention_heads"] if big else cfg["head_dim"],
+        "rope_local_base_freq": float(key("rope.freq_base_swa", 10000.0)),
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": key("final_logit_softcapping", 0.0) or None,
+        "sliding_window": window or None,
+    }
+    if window:
+        out["layer_types"] = _gemma3_layer_types(key, layers)
+    return out
+
+
+FAMILIES = {  # general.architecture -> how it is read
+    "qwen2": Family("Qwen2ForCausalLM", "qwen2"),
+    "llama": Family("LlamaForCausalLM", "llama", permuted=True),
+    "gemma3": Family("Gemma3ForCausalLM", "gemma3_text", norm_shift=1.0,
+                     layer_names={**_LAYER_NAMES, **_GEMMA3_LAYER_NAMES}, extra_config=_gemma3_config),
+}
+
+
 def _arch_name(header: GGUFHeader) -> str:
     arch = header.metadata.get("general.architecture")
-    if arch not in ARCHITECTURES:
+    if arch not in FAMILIES:
         raise UnsupportedGGUF(f"{header.path}: GGUF architecture {arch!r} is not read directly "
-                              f"(read directly: {', '.join(ARCHITECTURES)})")
+                              f"(read directly: {', '.join(FAMILIES)})")
     return arch
+
+
+def _meta_key(header: GGUFHeader, arch: str) -> MetaKey:
+    """key(name, default): metadata `<arch>.<name>`; missing with no default is UnsupportedGGUF."""
+    def key(name: str, default=None):
+        value = header.metadata.get(f"{arch}.{name}", default)
+        if value is None:
+            raise UnsupportedGGUF(f"{header.path}: GGUF metadata has no {arch}.{name}")
+        return value
+
+    return key
+
+
+def _rope_scaling(key: MetaKey, header: GGUFHeader) -> Optional[dict]:
+    """Linear rope scaling as llama.cpp reads it (type defaults to linear; the factor's old key
+    is rope.scale_linear); other types, or per-dimension factors, are refused by name."""
+    kind = key("rope.scaling.type", "linear")
+    if "rope_freqs.weight" in header.tensors:
+        raise UnsupportedGGUF(f"{header.path}: per-dimension rope factors (rope_freqs.weight) are not read directly")
+    if kind not in ("none", "linear"):
+        raise UnsupportedGGUF(f"{header.path}: rope scaling {kind!r} is not read directly (only linear)")
+    factor = float(key("rope.scaling.factor", key("rope.scale_linear", 0.0)))
+    if kind == "none" or factor in (0.0, 1.0):
+        return None
+    return {"rope_type": "linear", "factor": factor}
 
 
 def gguf_config(header: GGUFHeader) -> dict:
     """The config.json a Hugging Face folder of this model would have (what `Arch` reads)."""
     md, arch = header.metadata, _arch_name(header)
-
-    def key(name: str, default=None):
-        value = md.get(f"{arch}.{name}", default)
-        if value is None:
-            raise UnsupportedGGUF(f"{header.path}: GGUF metadata has no {arch}.{name}")
-        return value
-
-    if "rope_freqs.weight" in header.tensors or key("rope.scaling.type", "none") not in ("none", "linear"):
-        raise UnsupportedGGUF(f"{header.path}: rope scaling of this GGUF is not read directly")
+    family, key = FAMILIES[arch], _meta_key(header, arch)
     heads = int(key("attention.head_count"))
     hidden = int(key("embedding_length"))
     emb = header.tensors.get("token_embd.weight")
     if emb is None:
         raise SourceError(f"{header.path}: GGUF has no token_embd.weight")
     cfg = {
-        "architectures": [ARCHITECTURES[arch][0]],
-        "model_type": arch,
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
         "hidden_size": hidden,
         "num_hidden_layers": int(key("block_count")),
         "intermediate_size": int(key("feed_forward_length")),
@@ -317,7 +407,7 @@ def gguf_config(header: GGUFHeader) -> dict:
         "head_dim": int(key("attention.key_length", hidden // heads)),
         "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
         "rope_theta": float(key("rope.freq_base", 10000.0)),
-        "rope_scaling": None,
+        "rope_scaling": _rope_scaling(key, header),
         "max_position_embeddings": int(key("context_length")),
         "vocab_size": int(emb.shape[0]),
         "tie_word_embeddings": "output.weight" not in header.tensors,
@@ -326,8 +416,8 @@ def gguf_config(header: GGUFHeader) -> dict:
         "bos_token_id": md.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": md.get("tokenizer.ggml.eos_token_id"),
     }
-    if key("rope.scaling.type", "none") == "linear":
-        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+    if family.extra_config:
+        cfg.update(family.extra_config(key, header, cfg))
     return cfg
 
 
@@ -345,31 +435,96 @@ def _pre_tokenizer(pre: str, path: Path) -> tuple:
 
 
 def gguf_tokenizer_json(header: GGUFHeader) -> dict:
-    """A `tokenizers` JSON for a byte-level BPE GGUF vocabulary (tokenizer.ggml.model = gpt2).
+    """A `tokenizers` JSON for the GGUF's vocabulary: byte-level BPE (tokenizer.ggml.model =
+    gpt2) or SentencePiece (llama).
 
-    Every GGUF token is in the BPE vocabulary at its id; control tokens become special added
-    tokens and user-defined ones plain added tokens (both matched before BPE), as llama.cpp
-    treats them.
+    Every GGUF token is in the model's vocabulary at its id; control tokens become special added
+    tokens and user-defined ones plain added tokens (both matched before the model), as
+    llama.cpp treats them.
     """
+    model = header.metadata.get("tokenizer.ggml.model")
+    if model == "gpt2":
+        return _bpe_tokenizer_json(header)
+    if model == "llama":
+        return _spm_tokenizer_json(header)
+    raise UnsupportedGGUF(f"{header.path}: GGUF tokenizer {model!r} is not rebuilt directly "
+                          "(byte-level BPE gpt2, SentencePiece llama)")
+
+
+def _added_tokens(tokens: list, types: list) -> list:
+    return [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": t == TOKEN_CONTROL}
+            for i, t in enumerate(types) if t in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
+
+
+def _bpe_tokenizer_json(header: GGUFHeader) -> dict:
+    """Byte-level BPE with the GGUF's merges, pre-tokenized as tokenizer.ggml.pre names."""
     md = header.metadata
-    if md.get("tokenizer.ggml.model") != "gpt2":
-        raise UnsupportedGGUF(f"{header.path}: GGUF tokenizer {md.get('tokenizer.ggml.model')!r} is not "
-                              "rebuilt directly (only byte-level BPE, gpt2)")
     normalizer, pre = _pre_tokenizer(md.get("tokenizer.ggml.pre", "default"), header.path)
     tokens = md["tokenizer.ggml.tokens"]
     types = md.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": t == TOKEN_CONTROL}
-             for i, t in enumerate(types) if t in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
     byte_level = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
     return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": _added_tokens(tokens, types),
         "normalizer": normalizer, "pre_tokenizer": pre,
         "post_processor": byte_level, "decoder": {**byte_level, "trim_offsets": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
                   "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
                   "vocab": {t: i for i, t in enumerate(tokens)},
                   "merges": [m.split(" ", 1) for m in md.get("tokenizer.ggml.merges", [])]},
+    }
+
+
+def spm_merges(tokens: list, scores: list, types: list) -> list:
+    """BPE merges that reproduce llama.cpp's SentencePiece tokenizer (llm_tokenizer_spm).
+
+    llama.cpp starts from characters and repeatedly joins the adjacent pair whose joined text is
+    the vocabulary piece with the highest score. A BPE whose merges are every split (a, b) of
+    every normal piece a+b, ranked by that piece's score, makes the same choices (the merges of
+    transformers' GGUFLlamaConverter; its Gemma converter builds a Unigram model instead, which
+    picks the best-scoring segmentation overall and can differ). Control and user-defined pieces
+    are not merge results: they are matched whole before the model, and a special token's text
+    typed in a message must stay text; nor are byte pieces (<0x41> is the byte, not the text).
+    """
+    index = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for i, piece in enumerate(tokens):
+        if types[i] != TOKEN_NORMAL:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in index and right in index:
+                ranked.append((-scores[i], i, index[left], left, right))
+    ranked.sort()
+    return [[left, right] for *_, left, right in ranked]
+
+
+def _spm_tokenizer_json(header: GGUFHeader) -> dict:
+    """SentencePiece (BPE type) as llama.cpp runs it: spaces become U+2581, no pre-tokenizer
+    (llama.cpp does not split on whitespace), pieces merged by score (spm_merges), characters
+    outside the vocabulary as <0xXX> byte pieces. A vocabulary that asks for a prefix space
+    (add_space_prefix, llama.cpp's default for SentencePiece) is refused: llama.cpp adds it only
+    at the text's start and after special tokens, which a normalizer cannot say."""
+    md = header.metadata
+    if md.get("tokenizer.ggml.add_space_prefix", True):
+        raise UnsupportedGGUF(f"{header.path}: SentencePiece GGUF tokenizer with add_space_prefix is not "
+                              "rebuilt directly (only add_space_prefix = false, as Gemma)")
+    tokens, scores = md["tokenizer.ggml.tokens"], md.get("tokenizer.ggml.scores")
+    types = md.get("tokenizer.ggml.token_type")
+    if scores is None or types is None:
+        raise UnsupportedGGUF(f"{header.path}: SentencePiece GGUF tokenizer without scores or token types")
+    unk = md.get("tokenizer.ggml.unknown_token_id")
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": _added_tokens(tokens, types),
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        "pre_tokenizer": None, "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": tokens[unk] if unk is not None else None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                  "byte_fallback": True, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": spm_merges(tokens, scores, types)},
     }
 
 

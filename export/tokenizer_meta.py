@@ -9,7 +9,7 @@ from .validate import read_json
 
 # Tokens that end a turn or a document in the model families we export. They are added to the
 # EOS set only when the tokenizer really has them as special tokens.
-END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|end|>")
+END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|end|>", "<end_of_turn>")
 
 
 def load_tokenizer(path: Path):

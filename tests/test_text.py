@@ -100,3 +100,18 @@ def merged(spans) -> list:
         out = out[:-1] + [(out[-1][0] + text, src)] if out and out[-1][1] == src else out + [(text, src)]
     return out
 
+
+
+def test_a_template_that_writes_the_bos_gets_one_bos(tmp_path):
+    """Gemma's template starts with {{ bos_token }} and its tokenizer adds a BOS too: the
+    prompt starts with exactly one (HF's apply_chat_template encodes without special tokens)."""
+    make_tokenizer(tmp_path)
+    template = "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    meta = {"eos_ids": [2], "chat_template": template, "bos_token": "<|endoftext|>", "add_bos": True}
+    tok = Tokenizer(tmp_path / "tokenizer.json", meta)
+    bos = tok.bos_id
+    assert bos is not None
+    for prompt in ("hi", "say <|im_end|> here"):  # with and without a special token typed in the content
+        ids = build_prompt(tok, prompt, None, raw=False)
+        assert ids[0] == bos and ids[1] != bos, ids
+    assert build_prompt(tok, "hi", None, raw=True)[:2] == [bos, tok.encode("hi", bos=False)[0]]

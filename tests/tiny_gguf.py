@@ -110,3 +110,99 @@ def write_gguf(folder: Path, out: Path, pre: str = "qwen2", quant: dict = None) 
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+# A SentencePiece (BPE type) vocabulary shaped like Gemma's: control tokens, user-defined
+# whitespace tokens, the 256 byte pieces, then pieces ranked by score (merges highest first).
+SPM_CONTROL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+SPM_USER_DEFINED = ["\n", "\n\n", "\t"]
+SPM_CHARS = list("▁etaohnsrdlic")
+SPM_MERGED = ["▁t", "he", "▁the", "th", "in", "er", "an", "▁a", "▁▁", "▁▁▁▁", "re", "on", "at", "en",
+              "nd", "▁s", "es", "and", "▁and", "ha", "ed", "▁o"]
+
+
+def spm_vocabulary(size: int) -> tuple:
+    """(tokens, scores, token types) of `size` entries (GGUF token types: 1 normal, 3 control,
+    4 user-defined, 6 byte); merged pieces score -rank, characters below every merge."""
+    tokens = SPM_CONTROL + SPM_USER_DEFINED + [f"<0x{b:02X}>" for b in range(256)]
+    types = [3] * len(SPM_CONTROL) + [4] * len(SPM_USER_DEFINED) + [6] * 256
+    scores = [-1000.0] * (len(SPM_CONTROL) + len(SPM_USER_DEFINED)) + [0.0] * 256
+    pieces = (SPM_CHARS + SPM_MERGED)[:size - len(tokens)]
+    for piece in pieces:
+        tokens.append(piece)
+        types.append(1)
+        scores.append(-float(SPM_MERGED.index(piece)) if piece in SPM_MERGED else -100.0 - len(tokens))
+    assert len(tokens) == size, (len(tokens), size)
+    return tokens, scores, types
+
+
+def add_spm_vocabulary(w, size: int) -> None:
+    """tokenizer.ggml.* as llama.cpp's converter writes a Gemma 3 vocabulary."""
+    tokens, scores, types = spm_vocabulary(size)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(False)
+
+
+def write_gemma3_gguf(folder: Path, out: Path, pattern: int = 2) -> Path:
+    """A tiny Hugging Face Gemma 3 (tiny.make_family_model "gemma3") as llama.cpp's converter
+    writes it (conversion/gemma.py): gguf's own tensor name map, 1 + w for every norm, no Q/K
+    permutation; the window pattern and the sliding layers' rope base as the keys llama.cpp's
+    loader reads (its converter leaves them to the loader's defaults, 6 and 10000)."""
+    import gguf
+
+    cfg = json.loads((folder / "config.json").read_text())
+    n = cfg["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, n)
+    w = gguf.GGUFWriter(str(out), "gemma3")
+    w.add_block_count(n)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_float32("gemma3.rope.freq_base_swa", cfg["rope_local_base_freq"])
+    if cfg.get("rope_scaling"):
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(cfg["rope_scaling"]["factor"])
+    w.add_sliding_window(cfg["sliding_window"])
+    w.add_uint32("gemma3.attention.sliding_window_pattern", pattern)
+    add_spm_vocabulary(w, cfg["vocab_size"])
+    for name, t in _hf_tensors(folder).items():
+        if name.endswith("norm.weight"):
+            t = t + np.float32(1.0)
+        g = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        w.add_tensor(g, np.ascontiguousarray(t, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def write_vocabulary_gguf(out: Path, size: int = 300, **overrides) -> Path:
+    """A GGUF with the SentencePiece vocabulary only (no tensors): enough for the tokenizer."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(out), "gemma3")
+    add_spm_vocabulary(w, size)
+    for key, value in overrides.items():
+        w.add_bool(key, value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out

@@ -8,6 +8,7 @@ and settings, and hard-linked into the bundle.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -25,6 +26,7 @@ from edge_ssd.memory import fmt_bytes, peak_rss_bytes
 from edge_ssd.progress import Bar, stage
 
 from .errors import ExportError
+from .gguf_source import open_gguf_blocks, pointed_gguf
 from .graph import BUILDER_VERSION, Arch, GraphIO, QuantConfig, UnsupportedModelError, build_decoder, logits_width
 from .output import begin, check_destination, check_not_source, clean_stale, commit, discard, resolve_out
 from .registry import CACHE
@@ -94,7 +96,9 @@ def build_graph_cached(hf_dir: Path, arch: Arch, quant: QuantConfig, max_context
         bar = Bar(f"{label} layers", arch.num_layers, "layers")
         weight = open_weights(hf_dir)
         tap = reference_tap(weight, arch, prompts) if prompts else None
-        build_decoder(arch, tap or weight, quant, tmp, max_context, progress=lambda i: bar.update(1))
+        gguf = pointed_gguf(hf_dir) if quant.keep_source_quant else None
+        build_decoder(arch, tap or weight, quant, tmp, max_context, progress=lambda i: bar.update(1),
+                      blocks=open_gguf_blocks(gguf) if gguf else None)
         bar.close()
     if tap is not None and tap.result is not None:
         (tmp / REFERENCE_FILE).write_text(json.dumps({"prompts": prompts, "argmax": [a.tolist() for a in tap.result]}))
@@ -189,6 +193,14 @@ def _check_plan(plan: ExportPlan) -> None:
                           f"many positions), not {plan.max_context}")
 
 
+def effective_quant(quant: QuantConfig, hf_dir: Path) -> QuantConfig:
+    """quant as it applies to this source: keeping the source's quantization needs GGUF blocks,
+    so for any other source it is off (and the manifest and cache key say so)."""
+    if quant.keep_source_quant and pointed_gguf(hf_dir) is None:
+        return dataclasses.replace(quant, keep_source_quant=False)
+    return quant
+
+
 def _read_by(plan: ExportPlan) -> dict:
     """What the export reads from disk, which --out must not touch: the sources given as paths
     (hub ids are not paths) and the cache."""
@@ -256,15 +268,15 @@ def _write_bundle(tmp: Path, plan: ExportPlan, hf: dict, arch: dict, name: str, 
     prompts = _encoder(tok_file)
     manifest_models, built = {}, {}
     for m in plan.models:
-        a = arch[m.role]
+        a, quant = arch[m.role], effective_quant(m.quant, hf[m.role])
         max_ctx = min(a.max_position_embeddings, plan.max_context or a.max_position_embeddings)
-        built[m.role] = build_graph_cached(hf[m.role], a, m.quant, max_ctx, plan.cache, m.role,
+        built[m.role] = build_graph_cached(hf[m.role], a, quant, max_ctx, plan.cache, m.role,
                                            [prompts(p) for p in PROMPTS] if plan.validate else None)
         for fname in ("model.onnx", "model.onnx.data"):
             _link_or_copy(built[m.role] / fname, tmp / m.role / fname)
         with stage(f"checksum {m.role} files"):
             files = _file_entries(tmp, m.role)
-        manifest_models[m.role] = _model_manifest(a, m.quant, m.role, files, max_ctx, GraphIO())
+        manifest_models[m.role] = _model_manifest(a, quant, m.role, files, max_ctx, GraphIO())
     shutil.copy2(tok_file, tmp / "tokenizer.json")
     manifest = {
         "schema": SCHEMA,

@@ -1,0 +1,114 @@
+"""Keep a GGUF tensor's own quantization in the graph instead of re-quantizing its fp32 values.
+
+Re-quantizing a Q4_K tensor to symmetric int4 rounds it a second time (y = x W^T of the
+1.5B target's blk.0.ffn_gate is off by 11.5% at block 128, 9.0% at block 32; tools/q4k_encoding.py).
+Q4_K stores, per 32 values of a row, w = (d*sc)*q - (dmin*m) with q in 0..15, which ONNX
+Runtime computes exactly as
+
+    MatMulNBits(x, q, scales d*sc, zero points 0, block 32) - blocksum32(x) @ mins[K/32, N]
+
+(the mins term is a small fp32 MatMul over the 32-value block sums of x: K/32 rows).
+Q8_0 is exactly 8-bit MatMulNBits at block 32, Q6_K exactly 8-bit at block 16 (its scale
+granularity). Other types (Q5_0, ...) return None here and the caller re-quantizes them as
+configured. All these blocks (32, 16) are row-invariant in MLAS, so --exact still works.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+Q4K_SUB_BLOCK = 32  # values per Q4_K scale/min: the MatMulNBits block of the exact encoding
+QK_K = 256  # values per k-quant super-block
+INT8_ZERO = 128  # MatMulNBits' zero point for 8 bits when none is given: q is stored + 128
+
+Q4K, INT8 = "q4k", "int8-kept"  # the kept encodings: Q4_K's triple, or an exact 8-bit MatMulNBits
+
+
+@dataclass
+class Int8Parts:
+    """Rows as 8-bit MatMulNBits: w[n, k] = scales[n, k/block] * (packed - 128)."""
+
+    packed: np.ndarray  # [N, K/block, block] uint8
+    scales: np.ndarray  # [N, K/block] fp32
+    block: int
+
+
+def q8_0_parts(rows: np.ndarray) -> Int8Parts:
+    """Q8_0 (fp16 d, 32 int8 q per block: w = d*q) is exactly 8-bit block 32."""
+    n = rows.shape[0]
+    blocks = rows.reshape(-1, 34)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+    q = blocks[:, 2:].copy().view(np.int8).astype(np.int16) + INT8_ZERO
+    return Int8Parts(q.astype(np.uint8).reshape(n, -1, 32), d.reshape(n, -1), 32)
+
+
+def q6_k_parts(rows: np.ndarray) -> Int8Parts:
+    """Q6_K (per 16 values an int8 scale times fp16 d, q in 0..63 offset by 32) is exactly
+    8-bit block 16. Bit layout as gguf.quants.Q6_K.dequantize_blocks reads it."""
+    n = rows.shape[0]
+    blocks = rows.reshape(-1, 210)
+    nb = blocks.shape[0]
+    ql, qh, sc, d = np.hsplit(blocks, [QK_K // 2, QK_K // 2 + QK_K // 4, QK_K // 2 + QK_K // 4 + QK_K // 16])
+    scales = d.copy().view(np.float16).astype(np.float32) * sc.view(np.int8).astype(np.float32)
+    ql = (ql.reshape(nb, -1, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F
+    qh = (qh.reshape(nb, -1, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 0x03
+    q = ql.reshape(nb, -1, 32) | (qh.reshape(nb, -1, 32) << 4)  # 0..63, the value is q - 32
+    return Int8Parts((q + (INT8_ZERO - 32)).astype(np.uint8).reshape(n, -1, 16), scales.reshape(n, -1), 16)
+
+
+def kept_encoding(qtype: int) -> Optional[str]:
+    """The encoding that keeps a GGML type exactly, or None (re-quantize as configured)."""
+    from gguf import GGMLQuantizationType as Q
+
+    return {Q.Q4_K: Q4K, Q.Q6_K: INT8, Q.Q8_0: INT8}.get(qtype)
+
+
+def int8_parts(qtype: int, rows: np.ndarray) -> Int8Parts:
+    """The exact 8-bit parts of a type kept_encoding maps to INT8."""
+    from gguf import GGMLQuantizationType as Q
+
+    return {Q.Q6_K: q6_k_parts, Q.Q8_0: q8_0_parts}[qtype](rows)
+
+
+def int8_block(qtype: int) -> int:
+    """The MatMulNBits block of a type kept as INT8 (its own scale granularity)."""
+    from gguf import GGMLQuantizationType as Q
+
+    return {Q.Q6_K: 16, Q.Q8_0: 32}[qtype]
+
+
+@dataclass
+class Q4KParts:
+    """A Q4_K tensor in MatMulNBits layout: w[n, k] = scales[n, k/32] * q - mins[n, k/32]."""
+
+    packed: np.ndarray  # [N, K/32, 16] uint8, two 4-bit q per byte, low nibble first
+    scales: np.ndarray  # [N, K/32] fp32, d * sc
+    mins: np.ndarray    # [N, K/32] fp32, dmin * m
+
+    @property
+    def zero_points(self) -> np.ndarray:
+        """All-zero 4-bit zero points, two blocks per byte (q is unsigned, 0..15)."""
+        n, blocks = self.scales.shape
+        return np.zeros((n, (blocks + 1) // 2), np.uint8)
+
+
+def q4k_parts(rows: np.ndarray) -> Q4KParts:
+    """Decode Q4_K blocks ([N, bytes per row], 144 bytes per 256 values) into MatMulNBits parts.
+
+    Block layout (ggml-quants.c, block_q4_K): fp16 d, fp16 dmin, 12 bytes of eight 6-bit
+    (sc, m) pairs, 128 bytes of 4-bit q: per 64 values, 32 bytes whose low nibbles are the
+    first 32 values and high nibbles the next 32.
+    """
+    from gguf.quants import Q4_K
+
+    n = rows.shape[0]
+    blocks = rows.reshape(-1, 144)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, m = Q4_K.get_scale_min(blocks[:, 4:16])
+    nibbles = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    q = (nibbles & 0x0F).reshape(n, -1)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8).reshape(n, -1, Q4K_SUB_BLOCK // 2)
+    return Q4KParts(packed, (d * sc.astype(np.float32)).reshape(n, -1), (dmin * m.astype(np.float32)).reshape(n, -1))

@@ -15,13 +15,17 @@ configured. All these blocks (32, 16) are row-invariant in MLAS, so --exact stil
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 Q4K_SUB_BLOCK = 32  # values per Q4_K scale/min: the MatMulNBits block of the exact encoding
 QK_K = 256  # values per k-quant super-block
 INT8_ZERO = 128  # MatMulNBits' zero point for 8 bits when none is given: q is stored + 128
+
+# Rows decoded at a time: bounds the decoders' uint8 temporaries, ~1 GB at once for the
+# 151,936-row Q6_K LM head of the 1.5B target (the export's peak RSS), ~30 MB per chunk.
+ROWS_PER_CHUNK = 8192
 
 Q4K, INT8 = "q4k", "int8-kept"  # the kept encodings: Q4_K's triple, or an exact 8-bit MatMulNBits
 
@@ -35,18 +39,31 @@ class Int8Parts:
     block: int
 
 
-def q8_0_parts(rows: np.ndarray) -> Int8Parts:
-    """Q8_0 (fp16 d, 32 int8 q per block: w = d*q) is exactly 8-bit block 32."""
+def by_row_chunks(decode: Callable[[np.ndarray], tuple], rows: np.ndarray) -> tuple:
+    """decode(rows) -> arrays with one row per input row, run ROWS_PER_CHUNK rows at a time into
+    preallocated outputs (its temporaries then stay small whatever the tensor's size)."""
+    out = None
+    for i in range(0, rows.shape[0], ROWS_PER_CHUNK):
+        chunk = decode(rows[i:i + ROWS_PER_CHUNK])
+        if out is None:
+            out = tuple(np.empty((rows.shape[0],) + a.shape[1:], a.dtype) for a in chunk)
+        for o, a in zip(out, chunk):
+            o[i:i + len(a)] = a
+    return out
+
+
+def _q8_0(rows: np.ndarray) -> tuple:
+    """Q8_0 (fp16 d, 32 int8 q per block: w = d*q) -> (packed + 128, scales d), block 32."""
     n = rows.shape[0]
     blocks = rows.reshape(-1, 34)
     d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
     q = blocks[:, 2:].copy().view(np.int8).astype(np.int16) + INT8_ZERO
-    return Int8Parts(q.astype(np.uint8).reshape(n, -1, 32), d.reshape(n, -1), 32)
+    return q.astype(np.uint8).reshape(n, -1, 32), d.reshape(n, -1)
 
 
-def q6_k_parts(rows: np.ndarray) -> Int8Parts:
-    """Q6_K (per 16 values an int8 scale times fp16 d, q in 0..63 offset by 32) is exactly
-    8-bit block 16. Bit layout as gguf.quants.Q6_K.dequantize_blocks reads it."""
+def _q6_k(rows: np.ndarray) -> tuple:
+    """Q6_K (per 16 values an int8 scale times fp16 d, q in 0..63 offset by 32) -> (packed
+    q - 32 + 128, scales), block 16. Bit layout as gguf.quants.Q6_K.dequantize_blocks reads it."""
     n = rows.shape[0]
     blocks = rows.reshape(-1, 210)
     nb = blocks.shape[0]
@@ -55,7 +72,7 @@ def q6_k_parts(rows: np.ndarray) -> Int8Parts:
     ql = (ql.reshape(nb, -1, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F
     qh = (qh.reshape(nb, -1, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 0x03
     q = ql.reshape(nb, -1, 32) | (qh.reshape(nb, -1, 32) << 4)  # 0..63, the value is q - 32
-    return Int8Parts((q + (INT8_ZERO - 32)).astype(np.uint8).reshape(n, -1, 16), scales.reshape(n, -1), 16)
+    return (q + (INT8_ZERO - 32)).astype(np.uint8).reshape(n, -1, 16), scales.reshape(n, -1)
 
 
 def kept_encoding(qtype: int) -> Optional[str]:
@@ -69,7 +86,8 @@ def int8_parts(qtype: int, rows: np.ndarray) -> Int8Parts:
     """The exact 8-bit parts of a type kept_encoding maps to INT8."""
     from gguf import GGMLQuantizationType as Q
 
-    return {Q.Q6_K: q6_k_parts, Q.Q8_0: q8_0_parts}[qtype](rows)
+    packed, scales = by_row_chunks({Q.Q6_K: _q6_k, Q.Q8_0: _q8_0}[qtype], rows)
+    return Int8Parts(packed, scales, int8_block(qtype))
 
 
 def int8_block(qtype: int) -> int:
@@ -95,7 +113,12 @@ class Q4KParts:
 
 
 def q4k_parts(rows: np.ndarray) -> Q4KParts:
-    """Decode Q4_K blocks ([N, bytes per row], 144 bytes per 256 values) into MatMulNBits parts.
+    """Decode Q4_K blocks ([N, bytes per row], 144 bytes per 256 values) into MatMulNBits parts."""
+    return Q4KParts(*by_row_chunks(_q4k, rows))
+
+
+def _q4k(rows: np.ndarray) -> tuple:
+    """Q4_K rows -> (packed q, scales d*sc, mins dmin*m).
 
     Block layout (ggml-quants.c, block_q4_K): fp16 d, fp16 dmin, 12 bytes of eight 6-bit
     (sc, m) pairs, 128 bytes of 4-bit q: per 64 values, 32 bytes whose low nibbles are the
@@ -111,4 +134,4 @@ def q4k_parts(rows: np.ndarray) -> Q4KParts:
     nibbles = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
     q = (nibbles & 0x0F).reshape(n, -1)
     packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8).reshape(n, -1, Q4K_SUB_BLOCK // 2)
-    return Q4KParts(packed, (d * sc.astype(np.float32)).reshape(n, -1), (dmin * m.astype(np.float32)).reshape(n, -1))
+    return packed, (d * sc.astype(np.float32)).reshape(n, -1), (dmin * m.astype(np.float32)).reshape(n, -1)

@@ -213,6 +213,11 @@ Part = tuple  # (fp32 weight [out, in], its GGUF Blocks or None): some rows of a
 Encoding = tuple  # (one of WEIGHT_QUANTS or Q4K, MatMulNBits block size or None)
 
 
+def _stacked(arrays: list) -> np.ndarray:
+    """The arrays' rows stacked; a lone array as is (not copied: the LM head is ~1 GB in fp32)."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
 class _Decoder:
     """The decoder's nodes, one method per part of a layer; families differ only by Arch fields."""
 
@@ -263,9 +268,9 @@ class _Decoder:
         """One node (or the Q4_K triple) for parts that share an encoding."""
         kind, block = enc
         if kind in (Q4K, INT8):  # one block size per encoding: the parts share a GGML type
-            rows = np.concatenate([b.rows for _, b in parts])
+            rows = _stacked([b.rows for _, b in parts])
             return self.q4k_linear(x, rows, name) if kind == Q4K else self.int8_linear(x, parts[0][1].qtype, rows, name)
-        w = np.ascontiguousarray(np.concatenate([w for w, _ in parts]).T)  # [K=in, N=out]
+        w = np.ascontiguousarray(_stacked([w for w, _ in parts]).T)  # [K=in, N=out]
         if kind in ("int4", "int8"):
             return self.nbits_linear(x, w, name, 4 if kind == "int4" else 8, block)
         g = self.g

@@ -73,6 +73,7 @@ def _source_key(hf_dir: Path) -> str:
 
 
 REFERENCE_FILE = "reference.json"  # in a graph's cache folder: the fp32 reference argmax per prompt
+REFERENCE_LOGITS = "reference-logits.npz"  # beside it: the logits behind that argmax (validation's KL)
 
 
 def build_graph_cached(hf_dir: Path, arch: Arch, quant: QuantConfig, max_context: Optional[int],
@@ -80,8 +81,8 @@ def build_graph_cached(hf_dir: Path, arch: Arch, quant: QuantConfig, max_context
     """Build (or reuse) the graph for these weights and settings; return its cache folder.
 
     Given the validation prompts, the numpy reference runs on the weights as the build reads
-    them (reference.ReferenceTap) and its argmax is kept beside the graph, so validation
-    reads the source once, not twice.
+    them (reference.ReferenceTap) and its argmax and logits are kept beside the graph, so
+    validation reads the source once, not twice.
     """
     key = hashlib.sha256(json.dumps(
         [_source_key(hf_dir), quant.to_json(), max_context, BUILDER_VERSION], sort_keys=True
@@ -100,19 +101,22 @@ def build_graph_cached(hf_dir: Path, arch: Arch, quant: QuantConfig, max_context
         build_decoder(arch, tap or weight, quant, tmp, max_context, progress=lambda i: bar.update(1),
                       blocks=open_gguf_blocks(gguf) if gguf else None)
         bar.close()
-    if tap is not None and tap.result is not None:
+    if tap is not None and tap.logits is not None:
         (tmp / REFERENCE_FILE).write_text(json.dumps({"prompts": prompts, "argmax": [a.tolist() for a in tap.result]}))
+        np.savez(tmp / REFERENCE_LOGITS, *tap.logits)
     os.replace(tmp, out)
     return out
 
 
 def _cached_reference(built: Path, prompts: list) -> Optional[list]:
-    """The reference argmax kept by build_graph_cached for exactly these prompts, if any."""
+    """The reference logits kept by build_graph_cached for exactly these prompts, if any."""
     try:
-        kept = json.loads((built / REFERENCE_FILE).read_text())
-    except (OSError, ValueError):
+        if json.loads((built / REFERENCE_FILE).read_text()).get("prompts") != prompts:
+            return None
+        with np.load(built / REFERENCE_LOGITS) as kept:
+            return [kept[f"arr_{i}"] for i in range(len(prompts))]
+    except (OSError, ValueError, KeyError):
         return None
-    return [np.asarray(a) for a in kept["argmax"]] if kept.get("prompts") == prompts else None
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -315,14 +319,14 @@ def _encoder(tok_file: Path):
 
 
 def _validate(folder: Path, manifest: dict, hf: dict, arch: dict, built: dict) -> dict:
-    """Golden check and fp32 agreement per model, on the files as they will ship."""
+    """Golden check, fp32 agreement and KL divergence per model, on the files as they will ship."""
     from edge_ssd.bundle import model_entry
 
     encode = _encoder(folder / "tokenizer.json")
     report = {}
     for role, m in manifest["models"].items():
         entry = model_entry(folder, role, m)
-        with stage(f"validate {role} graph (golden check, top-1 agreement vs fp32)"):
+        with stage(f"validate {role} graph (golden check, top-1 agreement and KL vs fp32)"):
             kept = _cached_reference(built[role], [encode(p) for p in PROMPTS])
             reference, name = ((lambda prompts, kept=kept: kept), "numpy-fp32") if kept else \
                 choose_reference(hf[role], arch[role])
@@ -330,6 +334,7 @@ def _validate(folder: Path, manifest: dict, hf: dict, arch: dict, built: dict) -
         r = report[role]
         agree = r.get("top1_agreement_vs_fp32")
         print(f"    {role}: K+1-vs-one-at-a-time max |diff| {r['golden_max_abs_diff']:.3g}"
-              + (f", top-1 agreement vs fp32 ({r['reference']}) {agree:.1%}" if agree is not None else "")
+              + (f", top-1 agreement vs fp32 ({r['reference']}) {agree:.1%}, KL {r['kl_vs_fp32']:.4f} nats/token"
+                 if agree is not None else "")
               + f", rows invariant for >= 2 rows (--exact possible): {r['rows_invariant']}")
     return report

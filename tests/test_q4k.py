@@ -49,6 +49,36 @@ def test_q4k_parts_rebuild_the_gguf_values():
     np.testing.assert_allclose(rebuilt, q4k_values(rows, 512), rtol=0, atol=1e-7)
 
 
+def q6_k_blocks(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """Random Q6_K rows (210 bytes per 256 values: any bits are a valid ql, qh and int8 scales)
+    with a finite fp16 d in the last two bytes."""
+    raw = rng.integers(0, 256, (n * k // QK_K, 210), dtype=np.uint8)
+    raw[:, 208:] = (rng.uniform(0.5, 1.0, (n * k // QK_K, 1)) * 1e-3).astype(np.float16).view(np.uint8)
+    return raw.reshape(n, -1)
+
+
+def test_int8_parts_rebuild_q6_k_and_q8_0():
+    """Q6_K at block 16 and Q8_0 at block 32: scales * (packed - 128) is the GGUF's value, exactly."""
+    from edge_ssd_export.gguf_quant import int8_parts
+
+    rng = np.random.default_rng(0)
+    q8 = gguf.quants.quantize(rng.standard_normal((8, 512)).astype(np.float32), Q.Q8_0)
+    for qtype, rows, block in ((Q.Q6_K, q6_k_blocks(rng, 8, 512), 16), (Q.Q8_0, q8, 32)):
+        p = int8_parts(qtype, rows)
+        assert p.block == block and p.packed.shape == (8, 512 // block, block)
+        rebuilt = np.repeat(p.scales, block, 1) * (p.packed.reshape(8, 512).astype(np.float32) - 128)
+        np.testing.assert_array_equal(rebuilt, gguf.quants.dequantize(rows, qtype).reshape(8, 512))
+
+
+def test_kl_divergence():
+    from edge_ssd_export.validate import kl_divergence
+
+    ref = np.random.default_rng(0).standard_normal((3, 50))
+    np.testing.assert_allclose(kl_divergence(ref, ref + 5.0), 0, atol=1e-12)  # a shift is the same distribution
+    p, q = np.exp(ref) / np.exp(ref).sum(-1, keepdims=True), np.exp(2 * ref) / np.exp(2 * ref).sum(-1, keepdims=True)
+    np.testing.assert_allclose(kl_divergence(ref, 2 * ref), (p * np.log(p / q)).sum(-1))
+
+
 def _tiny_arch(hidden: int = 256):
     from edge_ssd_export.graph import Arch
 
@@ -88,8 +118,8 @@ def _rel(y: np.ndarray, ref: np.ndarray) -> float:
 
 
 def test_q4k_encoding_reproduces_the_matmul_and_shares_block_sums(tmp_path):
-    """q and k Q4_K, v Q8_0 (packed as one linear: two encodings, concatenated), gate and up
-    Q4_K on the same input: one ReduceSum for both Q4_K linears, fp32 compute exact to ~1e-6."""
+    """q and k Q4_K, v Q8_0 (packed as one linear: two encodings, concatenated), gate Q4_K and
+    a Q6_K linear on the same input: one ReduceSum for both Q4_K linears, fp32 compute exact to ~1e-6."""
     from edge_ssd_export.gguf_source import Blocks
 
     rng, k = np.random.default_rng(0), 512
@@ -99,14 +129,17 @@ def test_q4k_encoding_reproduces_the_matmul_and_shares_block_sums(tmp_path):
     parts = {"q": (q4k_values(q, k), Blocks(Q.Q4_K, q)), "k": (q4k_values(kk, k), Blocks(Q.Q4_K, kk)),
              "v": (gguf.quants.dequantize(v_rows, Q.Q8_0), Blocks(Q.Q8_0, v_rows)),
              "gate": (q4k_values(gate, k), Blocks(Q.Q4_K, gate))}
-    x, (qkv, gu), ops = _run_linears(tmp_path, [[parts[n] for n in "qkv"], [parts["gate"]]], k)
-    for y, names in ((qkv, "qkv"), (gu, ["gate"])):
+    q6 = q6_k_blocks(rng, 128, k)
+    parts["q6"] = (gguf.quants.dequantize(q6, Q.Q6_K).reshape(128, k), Blocks(Q.Q6_K, q6))
+    x, (qkv, gu, y6), ops = _run_linears(tmp_path, [[parts[n] for n in "qkv"], [parts["gate"]], [parts["q6"]]], k)
+    for y, names in ((qkv, "qkv"), (gu, ["gate"]), (y6, ["q6"])):
         ref = x.astype(np.float64) @ np.concatenate([parts[n][0] for n in names]).T.astype(np.float64)
         assert _rel(y, ref) < 1e-5
     assert ops.count("ReduceSum") == 1 and ops.count("Concat") == 1
-    assert ops.count("MatMulNBits") == 3  # q+k packed, v (8-bit), gate
-    x, (qkv_re, _), ops = _run_linears(tmp_path, [[parts[n] for n in "qkv"], [parts["gate"]]], k, keep=False)
-    assert "ReduceSum" not in ops and ops.count("MatMulNBits") == 2  # the old path: one int4 node per linear
+    assert ops.count("MatMulNBits") == 4  # q+k packed, v (8-bit), gate, the Q6_K one (8-bit)
+    x, (qkv_re, _, _), ops = _run_linears(tmp_path, [[parts[n] for n in "qkv"], [parts["gate"]], [parts["q6"]]], k,
+                                          keep=False)
+    assert "ReduceSum" not in ops and ops.count("MatMulNBits") == 3  # the old path: one int4 node per linear
     ref = x.astype(np.float64) @ np.concatenate([parts[n][0] for n in "qkv"]).T.astype(np.float64)
     assert _rel(qkv_re, ref) > 100 * _rel(qkv, ref)
 
@@ -117,8 +150,9 @@ HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 256, 512, 2, 4, 2
 Q8_NAMES = (".attn_v.", "output.weight")  # the rest of the 2-D weights are Q4_K
 
 
-def _tiny_tensors(rng: np.random.Generator, vocab: int) -> dict:
-    """GGUF name -> (GGML type, array as add_tensor takes it) of a tiny Qwen2 model."""
+def _tiny_tensors(rng: np.random.Generator, vocab: int, tied: bool) -> dict:
+    """GGUF name -> (GGML type, array as add_tensor takes it) of a tiny Qwen2 model; tied: no
+    output.weight, and a Q4_K token_embd that serves as the LM head too."""
     def f32(*shape, scale=0.05):
         return Q.F32, (rng.standard_normal(shape) * scale).astype(np.float32)
 
@@ -128,8 +162,12 @@ def _tiny_tensors(rng: np.random.Generator, vocab: int) -> dict:
         return Q.Q4_K, q4k_blocks(rng, n, k)
 
     kv = KV_HEADS * HIDDEN // HEADS
-    out = {"token_embd.weight": f32(vocab, HIDDEN, scale=1.0), "output_norm.weight": (Q.F32, np.ones(HIDDEN, np.float32)),
-           "output.weight": weight("output.weight", vocab, HIDDEN)}
+    out = {"output_norm.weight": (Q.F32, np.ones(HIDDEN, np.float32))}
+    if tied:
+        out["token_embd.weight"] = (Q.Q4_K, q4k_blocks(rng, vocab, HIDDEN))
+    else:
+        out["token_embd.weight"] = f32(vocab, HIDDEN, scale=1.0)
+        out["output.weight"] = weight("output.weight", vocab, HIDDEN)
     for i in range(LAYERS):
         shapes = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (kv, HIDDEN), "attn_v": (kv, HIDDEN),
                   "attn_output": (HIDDEN, HIDDEN), "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN),
@@ -143,7 +181,7 @@ def _tiny_tensors(rng: np.random.Generator, vocab: int) -> dict:
     return out
 
 
-def write_q4k_gguf(root: Path) -> Path:
+def write_q4k_gguf(root: Path, tied: bool = False) -> Path:
     """A 2-layer Qwen2 GGUF, hidden 256 (one Q4_K super-block), with the tiny tokenizer."""
     make_tokenizer(root / "tok")
     vocab = len(json.loads((root / "tok" / "tokenizer.json").read_text())["model"]["vocab"])
@@ -155,7 +193,7 @@ def write_q4k_gguf(root: Path) -> Path:
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-6)
     _add_vocabulary(w, root / "tok", "qwen2")
-    for name, (qtype, arr) in _tiny_tensors(np.random.default_rng(0), vocab).items():
+    for name, (qtype, arr) in _tiny_tensors(np.random.default_rng(0), vocab, tied).items():
         w.add_tensor(name, arr, raw_dtype=None if qtype == Q.F32 else qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -164,9 +202,9 @@ def write_q4k_gguf(root: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def q4k_gguf(tmp_path_factory) -> Path:
-    return write_q4k_gguf(tmp_path_factory.mktemp("q4k"))
+@pytest.fixture(scope="module", params=[False, True], ids=["lm-head", "tied"])
+def q4k_gguf(request, tmp_path_factory) -> Path:
+    return write_q4k_gguf(tmp_path_factory.mktemp("q4k"), tied=request.param)
 
 
 def _export(gguf_path: Path, out: Path, keep: bool):
@@ -179,10 +217,13 @@ def _export(gguf_path: Path, out: Path, keep: bool):
 
 
 def test_tiny_q4k_gguf_exports_to_its_own_values(q4k_gguf, tmp_path):
-    """Kept, the graph's logits are the fp32 forward of the GGUF's values (fp32 compute); the
-    manifest says it kept them; re-quantized (--requantize-gguf), they are much further off."""
+    """Kept, the graph's logits are the fp32 forward of the GGUF's values (fp32 compute), its own
+    LM head or the tied embedding's Q4_K blocks; the manifest says it kept them; re-quantized
+    (--requantize-gguf), they are much further off."""
+    import onnx
+
     from edge_ssd.model import OnnxLM
-    from edge_ssd_export.gguf_source import light_folder
+    from edge_ssd_export.gguf_source import light_folder, read_header
     from edge_ssd_export.graph import Arch
     from edge_ssd_export.reference import forward_logits
     from edge_ssd_export.weights import open_weights
@@ -191,10 +232,14 @@ def test_tiny_q4k_gguf_exports_to_its_own_values(q4k_gguf, tmp_path):
     arch = Arch.from_config(json.loads((folder / "config.json").read_text()))
     ids = list(range(3, 43))
     ref = forward_logits(open_weights(folder), arch, [ids], keep_argmax=False)[0]
+    tied = "output.weight" not in read_header(q4k_gguf).tensors
     errors = {}
     for keep in (True, False):
         b = _export(q4k_gguf, tmp_path / f"bundle-{keep}", keep)
         assert b.manifest["models"]["target"]["quant"]["keep_source_quant"] is keep
+        if keep:  # the head kept as its blocks are: Q4_K (tied to the embedding) or Q8_0
+            inits = {t.name for t in onnx.load(str(b.target.graph), load_external_data=False).graph.initializer}
+            assert ("lm_head.mins" in inits) is tied
         errors[keep] = float(np.abs(OnnxLM(b.target, threads=1).forward(ids, keep=len(ids)) - ref).max())
     assert errors[True] < 1e-3 * np.abs(ref).max()
     assert errors[False] > 10 * errors[True]

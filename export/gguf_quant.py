@@ -2,12 +2,14 @@
 
 Re-quantizing a Q4_K tensor to symmetric int4 rounds it a second time (y = x W^T of the
 1.5B target's blk.0.ffn_gate is off by 11.5% at block 128, 9.0% at block 32; tools/q4k_encoding.py).
-Q4_K stores, per 32 values of a row, w = (d*sc)*q - (dmin*m) with q in 0..15, which ONNX
-Runtime computes exactly as
+Q4_K stores, per 32 values of a row, w = s*q - m with s = d*sc, m = dmin*m6 and q in 0..15,
+that is s*(q - 8) - (m - 8s): ONNX Runtime computes it exactly as
 
-    MatMulNBits(x, q, scales d*sc, zero points 0, block 32) - blocksum32(x) @ mins[K/32, N]
+    MatMulNBits(x, q, scales s, block 32) - blocksum32(x) @ offsets[K/32, N],  offsets = m - 8s
 
-(the mins term is a small fp32 MatMul over the 32-value block sums of x: K/32 rows).
+MatMulNBits without zero points (its implicit 8) runs MLAS's symmetric kernel: with explicit
+zero points 0 the same weights took twice as long per step (tools/q4k_encoding.py). The offsets
+term is a small fp32 MatMul over the 32-value block sums of x (K/32 rows).
 Q8_0 is exactly 8-bit MatMulNBits at block 32, Q6_K exactly 8-bit at block 16 (its scale
 granularity). Other types (Q5_0, ...) return None here and the caller re-quantizes them as
 configured. All these blocks (32, 16) are row-invariant in MLAS, so --exact still works.
@@ -21,7 +23,7 @@ import numpy as np
 
 Q4K_SUB_BLOCK = 32  # values per Q4_K scale/min: the MatMulNBits block of the exact encoding
 QK_K = 256  # values per k-quant super-block
-INT8_ZERO = 128  # MatMulNBits' zero point for 8 bits when none is given: q is stored + 128
+INT4_ZERO, INT8_ZERO = 8, 128  # MatMulNBits' zero points when none are given (4 and 8 bits)
 
 # Rows decoded at a time: bounds the decoders' uint8 temporaries, ~1 GB at once for the
 # 151,936-row Q6_K LM head of the 1.5B target (the export's peak RSS), ~30 MB per chunk.
@@ -99,17 +101,11 @@ def int8_block(qtype: int) -> int:
 
 @dataclass
 class Q4KParts:
-    """A Q4_K tensor in MatMulNBits layout: w[n, k] = scales[n, k/32] * q - mins[n, k/32]."""
+    """A Q4_K tensor in MatMulNBits layout: w[n, k] = scales[n, k/32] * (q - 8) - offsets[n, k/32]."""
 
-    packed: np.ndarray  # [N, K/32, 16] uint8, two 4-bit q per byte, low nibble first
-    scales: np.ndarray  # [N, K/32] fp32, d * sc
-    mins: np.ndarray    # [N, K/32] fp32, dmin * m
-
-    @property
-    def zero_points(self) -> np.ndarray:
-        """All-zero 4-bit zero points, two blocks per byte (q is unsigned, 0..15)."""
-        n, blocks = self.scales.shape
-        return np.zeros((n, (blocks + 1) // 2), np.uint8)
+    packed: np.ndarray   # [N, K/32, 16] uint8, two 4-bit q per byte, low nibble first
+    scales: np.ndarray   # [N, K/32] fp32, d * sc
+    offsets: np.ndarray  # [N, K/32] fp32, dmin * m - 8 * d * sc
 
 
 def q4k_parts(rows: np.ndarray) -> Q4KParts:
@@ -118,7 +114,7 @@ def q4k_parts(rows: np.ndarray) -> Q4KParts:
 
 
 def _q4k(rows: np.ndarray) -> tuple:
-    """Q4_K rows -> (packed q, scales d*sc, mins dmin*m).
+    """Q4_K rows -> (packed q, scales s = d*sc, offsets dmin*m - 8s).
 
     Block layout (ggml-quants.c, block_q4_K): fp16 d, fp16 dmin, 12 bytes of eight 6-bit
     (sc, m) pairs, 128 bytes of 4-bit q: per 64 values, 32 bytes whose low nibbles are the
@@ -134,4 +130,5 @@ def _q4k(rows: np.ndarray) -> tuple:
     nibbles = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
     q = (nibbles & 0x0F).reshape(n, -1)
     packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8).reshape(n, -1, Q4K_SUB_BLOCK // 2)
-    return packed, (d * sc.astype(np.float32)).reshape(n, -1), (dmin * m.astype(np.float32)).reshape(n, -1)
+    scales = (d * sc.astype(np.float32)).reshape(n, -1)
+    return packed, scales, (dmin * m.astype(np.float32)).reshape(n, -1) - INT4_ZERO * scales

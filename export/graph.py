@@ -300,16 +300,15 @@ class _Decoder:
         return y
 
     def q4k_linear(self, x: str, rows: np.ndarray, name: str) -> str:
-        """Q4_K rows kept exact (gguf_quant.py): MatMulNBits with zero points 0, minus the
-        32-value block sums of x times the mins."""
+        """Q4_K rows kept exact (gguf_quant.py): MatMulNBits (its implicit zero point 8), minus
+        the 32-value block sums of x times the offsets."""
         g, p = self.g, q4k_parts(rows)
         n, blocks = p.scales.shape
-        ins = [x, g.init(f"{name}.qweight", p.packed), self.const(f"{name}.scales", p.scales),
-               g.init(f"{name}.zero_points", p.zero_points)]
+        ins = [x, g.init(f"{name}.qweight", p.packed), self.const(f"{name}.scales", p.scales)]
         (y,) = g.op("MatMulNBits", ins, domain=ORT_DOMAIN, name=name, K=blocks * Q4K_SUB_BLOCK, N=n, bits=4,
                     block_size=Q4K_SUB_BLOCK, accuracy_level=self.quant.accuracy_level)
-        mins = self.const(f"{name}.mins", np.ascontiguousarray(p.mins.T))  # [K/32, N]
-        (correction,) = g.op("MatMul", [self.block_sums(x, blocks), mins], name=f"{name}.mins_matmul")
+        offsets = self.const(f"{name}.offsets", np.ascontiguousarray(p.offsets.T))  # [K/32, N]
+        (correction,) = g.op("MatMul", [self.block_sums(x, blocks), offsets], name=f"{name}.offsets_matmul")
         (y,) = g.op("Sub", [y, correction])
         return y
 

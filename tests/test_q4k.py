@@ -44,8 +44,8 @@ def test_q4k_parts_rebuild_the_gguf_values():
 
     rows = q4k_blocks(np.random.default_rng(0), 8, 512)
     p = q4k_parts(rows)
-    q = np.stack([p.packed & 15, p.packed >> 4], -1).reshape(8, 512)
-    rebuilt = np.repeat(p.scales, 32, 1) * q - np.repeat(p.mins, 32, 1)
+    q = np.stack([p.packed & 15, p.packed >> 4], -1).reshape(8, 512).astype(np.float32)
+    rebuilt = np.repeat(p.scales, 32, 1) * (q - 8) - np.repeat(p.offsets, 32, 1)
     np.testing.assert_allclose(rebuilt, q4k_values(rows, 512), rtol=0, atol=1e-7)
 
 
@@ -239,7 +239,7 @@ def test_tiny_q4k_gguf_exports_to_its_own_values(q4k_gguf, tmp_path):
         assert b.manifest["models"]["target"]["quant"]["keep_source_quant"] is keep
         if keep:  # the head kept as its blocks are: Q4_K (tied to the embedding) or Q8_0
             inits = {t.name for t in onnx.load(str(b.target.graph), load_external_data=False).graph.initializer}
-            assert ("lm_head.mins" in inits) is tied
+            assert ("lm_head.offsets" in inits) is tied
         errors[keep] = float(np.abs(OnnxLM(b.target, threads=1).forward(ids, keep=len(ids)) - ref).max())
     assert errors[True] < 1e-3 * np.abs(ref).max()
     assert errors[False] > 10 * errors[True]

@@ -1,7 +1,7 @@
 """Measure one GGUF linear under each encoding the exporter can give it, built by graph.py's own
 linear(): re-quantized int4 (block 128, the old target default; block 32, the old draft's),
-re-quantized int8 block 32, and kept (export/gguf_quant.py: Q4_K exact as MatMulNBits with zero
-points 0 minus block sums @ mins; Q6_K/Q8_0 exact 8-bit).
+re-quantized int8 block 32, and kept (export/gguf_quant.py: Q4_K exact as symmetric MatMulNBits
+minus block sums @ offsets; Q6_K/Q8_0 exact 8-bit).
 
     python tools/q4k_encoding.py GGUF [--tensors blk.0.ffn_gate.weight,blk.0.ffn_up.weight]
         [--threads 2] [--reps 30]

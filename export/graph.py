@@ -59,7 +59,10 @@ class QuantConfig:
     # For a GGUF source with int4/int8 weights: keep its Q4_K tensors exact and its Q6_K/Q8_0
     # ones exact in 8 bits (gguf_quant.py) rather than re-quantizing their dequantized values; the
     # pipeline clears it for sources that have no GGUF blocks, so the manifest says what ran.
-    keep_source_quant: bool = True
+    # Off by default: on the default pair it lifts the target's top-1 agreement with its GGUF
+    # from 88% to 100%, but streams 1.7x the weight bytes per step, and a CPU step is bandwidth-
+    # bound (plain decoding ~0.5x; docs/benchmarks.md, "Keeping the GGUF's quantization").
+    keep_source_quant: bool = False
 
     def __post_init__(self) -> None:
         for q in (self.weights, self.lm_head or self.weights):

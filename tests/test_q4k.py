@@ -243,3 +243,12 @@ def test_tiny_q4k_gguf_exports_to_its_own_values(q4k_gguf, tmp_path):
         errors[keep] = float(np.abs(OnnxLM(b.target, threads=1).forward(ids, keep=len(ids)) - ref).max())
     assert errors[True] < 1e-3 * np.abs(ref).max()
     assert errors[False] > 10 * errors[True]
+
+
+@pytest.mark.parametrize("choice,keep", [(None, False), ("requantize", False), ("keep", True)])
+def test_gguf_weights_option(choice, keep):
+    """Re-quantization stays the default (it is the faster graph); --gguf-weights keep opts in."""
+    from edge_ssd_export.cli import _quant, build_parser
+
+    argv = ["--target", "m.gguf"] + (["--gguf-weights", choice] if choice else [])
+    assert _quant(build_parser().parse_args(argv), None, {}, "target").keep_source_quant is keep

@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="int4/int8 quantization block, 16..256 (default: the pair's recommendation, else 32)")
     ap.add_argument("--accuracy-level", type=int, default=None,
                     help="MatMulNBits compute: 4 = int8 activations (fast on CPU), 0/1 = fp32 (default 4)")
+    ap.add_argument("--gguf-weights", choices=["requantize", "keep"], default="requantize",
+                    help="a GGUF source's int4/int8 weights: re-quantize its dequantized values like any other "
+                         "source (default; fastest), or keep its Q4_K tensors exact and its Q6_K/Q8_0 ones "
+                         "exact in 8 bits (the source's own logits, row-invariant for --exact; ~1.7x the "
+                         "weight bytes per step)")
     ap.add_argument("--max-context", type=int, default=None, help="cap the context length (rotary cache)")
     ap.add_argument("--no-validate", action="store_true", help="skip the golden check and agreement")
     ap.add_argument("--force", action="store_true", help="replace an existing bundle")
@@ -70,7 +75,7 @@ def _quant(args, which: Optional[str], rec: dict, role: str) -> QuantConfig:
     level = _given(args.accuracy_level, rec.get("accuracy_level", 4))
     vocab = _given(args.draft_vocab, rec.get("draft_vocab")) if role == "draft" else None
     return QuantConfig(weights=which or args.quant, block_size=block, accuracy_level=level,
-                       lm_head=args.lm_head_quant, vocab_limit=vocab)
+                       lm_head=args.lm_head_quant, vocab_limit=vocab, keep_source_quant=args.gguf_weights == "keep")
 
 
 def _plan(args) -> ExportPlan:

@@ -234,22 +234,28 @@ def read_tensor(header: GGUFHeader, name: str) -> np.ndarray:
     from gguf import GGMLQuantizationType as Q
 
     t = header.tensors[name]
-    raw = np.fromfile(header.path, dtype=np.uint8, count=t.n_bytes, offset=t.offset)
-    if raw.size != t.n_bytes:
-        raise SourceError(f"{header.path}: truncated at tensor {name}")
+    rows = read_blocks(header, name)
     if t.qtype == Q.F32:
-        return raw.view(np.float32).reshape(t.shape)
+        return rows.view(np.float32).reshape(t.shape)
     if t.qtype == Q.F16:
-        return raw.view(np.float16).astype(np.float32).reshape(t.shape)
+        return rows.view(np.float16).astype(np.float32).reshape(t.shape)
     if t.qtype == Q.BF16:
-        return bf16_to_f32(raw.view(np.uint16)).reshape(t.shape)
-    rows = raw.reshape(-1, t.n_bytes // max(1, int(np.prod(t.shape[:-1]))))
+        return bf16_to_f32(rows.view(np.uint16)).reshape(t.shape)
     quant = _dequantizer(t.qtype)
     out = np.empty((rows.shape[0], t.shape[-1]), dtype=np.float32)
     step = max(1, DEQUANT_CHUNK // t.shape[-1])
     for i in range(0, rows.shape[0], step):
         out[i:i + step] = quant.dequantize_rows(rows[i:i + step])
     return out.reshape(t.shape)
+
+
+def read_blocks(header: GGUFHeader, name: str) -> np.ndarray:
+    """One tensor's bytes as stored, [rows, bytes per row] (a GGML block never spans rows)."""
+    t = header.tensors[name]
+    raw = np.fromfile(header.path, dtype=np.uint8, count=t.n_bytes, offset=t.offset)
+    if raw.size != t.n_bytes:
+        raise SourceError(f"{header.path}: truncated at tensor {name}")
+    return raw.reshape(max(1, int(np.prod(t.shape[:-1]))), -1)
 
 
 def gguf_name(hf_name: str, arch: str = "llama") -> Optional[str]:
@@ -274,22 +280,56 @@ def open_gguf_weights(path: Path) -> Weights:
     llama.cpp's converter did to it undone (Q/K permutation, Gemma's 1 + w norms)."""
     header = read_header(path, vocabulary=False)
     arch = _arch_name(header)
-    family, md = FAMILIES[arch], header.metadata
-    heads = int(md[f"{arch}.attention.head_count"])
-    kv_heads = int(md.get(f"{arch}.attention.head_count_kv", heads))
+    family, unpermute = FAMILIES[arch], _row_order(header, arch)
 
     def weight(name: str) -> np.ndarray:
         g = gguf_name(name, arch)
         if g is None or g not in header.tensors:
             raise SourceError(f"weight {name} not found in {path}" + (f" (as {g})" if g else ""))
-        w = read_tensor(header, g)
-        if family.permuted and (".attn_q." in g or ".attn_k." in g):
-            w = unpermute_rows(w, heads if ".attn_q." in g else kv_heads)
+        w = unpermute(g, read_tensor(header, g))
         if family.norm_shift and g.endswith("norm.weight"):
             w = w - np.float32(family.norm_shift)  # exact: 1 + w was rounded where it was stored
         return w
 
     return weight
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A tensor as the GGUF stores it: its GGML type and its bytes, [rows, bytes per row], rows
+    in Hugging Face order (graph.py keeps a quantized tensor's own encoding from these)."""
+
+    qtype: int
+    rows: np.ndarray
+
+
+def open_gguf_blocks(path: Path) -> Callable[[str], Optional[Blocks]]:
+    """blocks(hf_name) -> the stored Blocks of a Hugging Face parameter, None where not stored."""
+    header = read_header(path, vocabulary=False)
+    arch = _arch_name(header)
+    unpermute = _row_order(header, arch)
+
+    def blocks(name: str) -> Optional[Blocks]:
+        g = gguf_name(name, arch)
+        if g is None or g not in header.tensors:
+            return None
+        return Blocks(header.tensors[g].qtype, unpermute(g, read_blocks(header, g)))
+
+    return blocks
+
+
+def _row_order(header: GGUFHeader, arch: str) -> Callable[[str, np.ndarray], np.ndarray]:
+    """(gguf name, rows) -> the rows in Hugging Face order: Q and K un-permuted where llama.cpp
+    permuted them (the same for dequantized values and for stored blocks: a block is in a row)."""
+    md = header.metadata
+    heads = int(md[f"{arch}.attention.head_count"])
+    kv_heads = int(md.get(f"{arch}.attention.head_count_kv", heads))
+
+    def order(g: str, rows: np.ndarray) -> np.ndarray:
+        if FAMILIES[arch].permuted and (".attn_q." in g or ".attn_k." in g):
+            return unpermute_rows(rows, heads if ".attn_q." in g else kv_heads)
+        return rows
+    return order
 
 
 # ---------------------------------------------------------------------------- config

@@ -23,6 +23,7 @@ GB of RAM instead of the 15 GB that a torch-traced export peaks at.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -36,8 +37,10 @@ from onnx import TensorProto, helper
 from edge_ssd.bundle import WEIGHT_QUANTS
 
 from .families import SUPPORTED_ARCHITECTURES, Arch, UnsupportedModelError  # noqa: F401 (re-exported)
+from .gguf_quant import INT8, Q4K, Q4K_SUB_BLOCK, int8_block, int8_parts, kept_encoding, q4k_parts
+from .gguf_source import Blocks
 
-BUILDER_VERSION = 4  # bump when the emitted graph changes: invalidates cached graphs
+BUILDER_VERSION = 5  # bump when the emitted graph changes: invalidates cached graphs
 ORT_DOMAIN = "com.microsoft"
 
 
@@ -53,6 +56,13 @@ class QuantConfig:
     # for byte-level BPE the earliest, most frequent merges). The target still verifies over
     # the full vocabulary, so this stays lossless; the draft just cannot propose rarer tokens.
     vocab_limit: Optional[int] = None
+    # For a GGUF source with int4/int8 weights: keep its Q4_K tensors exact and its Q6_K/Q8_0
+    # ones exact in 8 bits (gguf_quant.py) rather than re-quantizing their dequantized values; the
+    # pipeline clears it for sources that have no GGUF blocks, so the manifest says what ran.
+    # Off by default: on the default pair it lifts the target's top-1 agreement with its GGUF
+    # from 88% to 100%, but streams 1.7x the weight bytes per step, and a CPU step is bandwidth-
+    # bound (plain decoding ~0.5x; docs/benchmarks.md, "Keeping the GGUF's quantization").
+    keep_source_quant: bool = False
 
     def __post_init__(self) -> None:
         for q in (self.weights, self.lm_head or self.weights):
@@ -201,41 +211,118 @@ class _Graph:
         return outs
 
 
+BlockReader = Callable[[str], Optional[Blocks]]  # Hugging Face name -> its GGUF blocks, if any
+Part = tuple  # (fp32 weight [out, in], its GGUF Blocks or None): some rows of a linear
+Encoding = tuple  # (one of WEIGHT_QUANTS or Q4K, MatMulNBits block size or None)
+
+
+def _stacked(arrays: list) -> np.ndarray:
+    """The arrays' rows stacked; a lone array as is (not copied: the LM head is ~1 GB in fp32)."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
 class _Decoder:
     """The decoder's nodes, one method per part of a layer; families differ only by Arch fields."""
 
     def __init__(self, arch: Arch, weight: Callable[[str], np.ndarray], quant: QuantConfig, g: _Graph,
-                 max_pos: int):
+                 max_pos: int, blocks: Optional[BlockReader] = None):
         self.arch, self.quant, self.g, self.max_pos = arch, quant, g, max_pos
         self.weight = lambda name: weight(arch.weight_prefix + name)
+        self.blocks = lambda name: blocks(arch.weight_prefix + name) if blocks else None
         self.act = np.float16 if quant.act_dtype == "float16" else np.float32
         self.act_t = helper.np_dtype_to_tensor_dtype(np.dtype(self.act))
         self.io = GraphIO()
         self.residual = ""
         self._rope: dict = {}  # (theta, scaling) -> (cos, sin) initializer names
+        self._block_sums: dict = {}  # input name -> its 32-value block sums (shared by its Q4_K linears)
 
     def const(self, name: str, arr: np.ndarray) -> str:
         return self.g.init(name, np.asarray(arr).astype(self.act))
 
-    def linear(self, x: str, w_out_in: np.ndarray, name: str, q: str, bias: Optional[np.ndarray] = None) -> str:
-        g = self.g
-        w = np.ascontiguousarray(w_out_in.T)  # [K=in, N=out]
-        k, n = w.shape
-        if q in ("int4", "int8"):
-            bits = 4 if q == "int4" else 8
-            packed, scales = quantize_blockwise(w, bits, self.quant.block_size)
-            ins = [x, g.init(f"{name}.qweight", packed), self.const(f"{name}.scales", scales)]
-            (y,) = g.op("MatMulNBits", ins, domain=ORT_DOMAIN, name=name, K=k, N=n, bits=bits,
-                        block_size=self.quant.block_size, accuracy_level=self.quant.accuracy_level)
-        else:
-            wdt = np.float16 if q == "fp16" else np.float32
-            wname = g.init(f"{name}.weight", w.astype(wdt))
-            if wdt != self.act:  # e.g. an fp16-stored LM head in an fp32 graph: compute in fp32
-                (wname,) = g.op("Cast", [wname], to=self.act_t)
-            (y,) = g.op("MatMul", [x, wname], name=name)
+    def part(self, hf_name: str) -> Part:
+        """A weight with its GGUF blocks. The fp32 values are read even when the blocks are kept:
+        the reference tap (reference.py) computes the export's fp32 reference from them."""
+        return self.weight(hf_name), self.blocks(hf_name)
+
+    def encoding(self, blocks: Optional[Blocks], q: str) -> Encoding:
+        """How to store rows configured as q: the GGUF's own encoding where one keeps it (for
+        integer quants only: a float graph asked for floats), else q at the configured block."""
+        kept = kept_encoding(blocks.qtype) if blocks is not None and self.quant.keep_source_quant \
+            and q in ("int4", "int8") else None
+        if kept == Q4K:
+            return Q4K, Q4K_SUB_BLOCK
+        if kept == INT8:
+            return INT8, int8_block(blocks.qtype)
+        return q, self.quant.block_size if q in ("int4", "int8") else None
+
+    def linear(self, x: str, parts: list, name: str, q: str, bias: Optional[np.ndarray] = None) -> str:
+        """y = x W^T (+ bias), W the rows of `parts` stacked (q, k, v; gate, up). Consecutive parts
+        with one encoding are packed into one node; several runs (a Q6_K v beside Q4_K q and k)
+        are concatenated."""
+        runs = [(enc, list(group)) for enc, group in itertools.groupby(parts, lambda p: self.encoding(p[1], q))]
+        ys = [self.encoded(x, group, name if len(runs) == 1 else f"{name}.{j}", enc)
+              for j, (enc, group) in enumerate(runs)]
+        (y,) = ys if len(ys) == 1 else self.g.op("Concat", ys, axis=-1)
         if bias is not None:
-            (y,) = g.op("Add", [y, self.const(f"{name}.bias", bias)])
+            (y,) = self.g.op("Add", [y, self.const(f"{name}.bias", bias)])
         return y
+
+    def encoded(self, x: str, parts: list, name: str, enc: Encoding) -> str:
+        """One node (or the Q4_K triple) for parts that share an encoding."""
+        kind, block = enc
+        if kind in (Q4K, INT8):  # one block size per encoding: the parts share a GGML type
+            rows = _stacked([b.rows for _, b in parts])
+            return self.q4k_linear(x, rows, name) if kind == Q4K else self.int8_linear(x, parts[0][1].qtype, rows, name)
+        w = np.ascontiguousarray(_stacked([w for w, _ in parts]).T)  # [K=in, N=out]
+        if kind in ("int4", "int8"):
+            return self.nbits_linear(x, w, name, 4 if kind == "int4" else 8, block)
+        g = self.g
+        wdt = np.float16 if kind == "fp16" else np.float32
+        wname = g.init(f"{name}.weight", w.astype(wdt))
+        if wdt != self.act:  # e.g. an fp16-stored LM head in an fp32 graph: compute in fp32
+            (wname,) = g.op("Cast", [wname], to=self.act_t)
+        (y,) = g.op("MatMul", [x, wname], name=name)
+        return y
+
+    def nbits_linear(self, x: str, w_in_out: np.ndarray, name: str, bits: int, block: int) -> str:
+        """MatMulNBits over a [K, N] weight quantized symmetrically here."""
+        k, n = w_in_out.shape
+        packed, scales = quantize_blockwise(w_in_out, bits, block)
+        ins = [x, self.g.init(f"{name}.qweight", packed), self.const(f"{name}.scales", scales)]
+        (y,) = self.g.op("MatMulNBits", ins, domain=ORT_DOMAIN, name=name, K=k, N=n, bits=bits,
+                         block_size=block, accuracy_level=self.quant.accuracy_level)
+        return y
+
+    def int8_linear(self, x: str, qtype: int, rows: np.ndarray, name: str) -> str:
+        """Q6_K / Q8_0 rows kept exact as 8-bit MatMulNBits (gguf_quant.py)."""
+        p = int8_parts(qtype, rows)
+        n, blocks = p.scales.shape
+        ins = [x, self.g.init(f"{name}.qweight", p.packed), self.const(f"{name}.scales", p.scales)]
+        (y,) = self.g.op("MatMulNBits", ins, domain=ORT_DOMAIN, name=name, K=blocks * p.block, N=n, bits=8,
+                         block_size=p.block, accuracy_level=self.quant.accuracy_level)
+        return y
+
+    def q4k_linear(self, x: str, rows: np.ndarray, name: str) -> str:
+        """Q4_K rows kept exact (gguf_quant.py): MatMulNBits (its implicit zero point 8), minus
+        the 32-value block sums of x times the offsets."""
+        g, p = self.g, q4k_parts(rows)
+        n, blocks = p.scales.shape
+        ins = [x, g.init(f"{name}.qweight", p.packed), self.const(f"{name}.scales", p.scales)]
+        (y,) = g.op("MatMulNBits", ins, domain=ORT_DOMAIN, name=name, K=blocks * Q4K_SUB_BLOCK, N=n, bits=4,
+                    block_size=Q4K_SUB_BLOCK, accuracy_level=self.quant.accuracy_level)
+        offsets = self.const(f"{name}.offsets", np.ascontiguousarray(p.offsets.T))  # [K/32, N]
+        (correction,) = g.op("MatMul", [self.block_sums(x, blocks), offsets], name=f"{name}.offsets_matmul")
+        (y,) = g.op("Sub", [y, correction])
+        return y
+
+    def block_sums(self, x: str, blocks: int) -> str:
+        """x summed over each 32 values of its last axis, [B, S, K/32]; built once per input."""
+        if x not in self._block_sums:
+            g = self.g
+            (xb,) = g.op("Reshape", [x, g.init(f"{x}.blocks_shape", np.array([0, 0, blocks, Q4K_SUB_BLOCK], np.int64))])
+            (self._block_sums[x],) = g.op("ReduceSum", [xb, g.init(f"{x}.blocks_axis", np.array([-1], np.int64))],
+                                          keepdims=0)
+        return self._block_sums[x]
 
     def gamma(self, hf_name: str, name: str) -> str:
         """An RMSNorm weight; Gemma's norms scale by (1 + w), folded in here (in fp32, as it computes)."""
@@ -282,12 +369,9 @@ class _Decoder:
     def qkv(self, i: int, x: str) -> list:
         """The packed q/k/v projection: one tensor, or q, k, v apart when they are normed per head."""
         a, w, p = self.arch, self.weight, f"model.layers.{i}.self_attn."
-        if a.fused_projections:
-            wqkv = w(p + "qkv_proj.weight")
-        else:
-            wqkv = np.concatenate([w(p + f"{n}_proj.weight") for n in "qkv"], axis=0)
+        names = ["qkv_proj.weight"] if a.fused_projections else [f"{n}_proj.weight" for n in "qkv"]
         bqkv = np.concatenate([w(p + f"{n}_proj.bias") for n in "qkv"]) if a.attention_bias else None
-        qkv = self.linear(x, wqkv, f"L{i}.qkv_proj", self.quant.weights, bqkv)
+        qkv = self.linear(x, [self.part(p + n) for n in names], f"L{i}.qkv_proj", self.quant.weights, bqkv)
         if not a.qk_norm:
             return [qkv, "", ""]
         sizes = [a.num_heads * a.head_dim] + [a.num_kv_heads * a.head_dim] * 2
@@ -324,16 +408,14 @@ class _Decoder:
         attn = self.g.op("GroupQueryAttention", ins, domain=ORT_DOMAIN, name=f"L{i}.attn",
                          outputs=[f"L{i}.attn/out", ok, ov], **attrs)[0]
         bias = self.weight(f"model.layers.{i}.self_attn.o_proj.bias") if a.o_proj_bias else None
-        return self.linear(attn, self.weight(f"model.layers.{i}.self_attn.o_proj.weight"), f"L{i}.o_proj",
+        return self.linear(attn, [self.part(f"model.layers.{i}.self_attn.o_proj.weight")], f"L{i}.o_proj",
                            self.quant.weights, bias)
 
     def mlp(self, i: int, x: str) -> str:
         """down(act(gate(x)) * up(x)) with gate and up packed: SwiGLU, or Gemma's tanh-GELU GeGLU."""
-        a, w, g, p = self.arch, self.weight, self.g, f"model.layers.{i}.mlp."
-        gate_up = (w(p + "gate_up_proj.weight") if a.fused_projections
-                   else np.concatenate([w(p + "gate_proj.weight"), w(p + "up_proj.weight")], 0))
-        gu = self.linear(x, gate_up, f"L{i}.gate_up_proj", self.quant.weights)
-        del gate_up
+        a, g, p = self.arch, self.g, f"model.layers.{i}.mlp."
+        names = ["gate_up_proj.weight"] if a.fused_projections else ["gate_proj.weight", "up_proj.weight"]
+        gu = self.linear(x, [self.part(p + n) for n in names], f"L{i}.gate_up_proj", self.quant.weights)
         gate, up = g.op("Split", [gu, g.init(f"L{i}.split", np.array([a.intermediate_size] * 2, np.int64))],
                         n_out=2, axis=-1)
         if a.activation == "gelu_tanh":
@@ -341,7 +423,7 @@ class _Decoder:
         else:
             (act,) = g.op("QuickGelu", [gate], domain=ORT_DOMAIN, alpha=1.0)
         (act,) = g.op("Mul", [act, up])
-        return self.linear(act, w(p + "down_proj.weight"), f"L{i}.down_proj", self.quant.weights)
+        return self.linear(act, [self.part(p + "down_proj.weight")], f"L{i}.down_proj", self.quant.weights)
 
     def layer(self, i: int, pending: Optional[str]) -> str:
         """One decoder layer; returns its MLP output, added to the residual by the next norm.
@@ -364,8 +446,10 @@ class _Decoder:
         (neg,) = g.op("Neg", ["logits_to_keep"])
         (x,) = g.op("Slice", [x, neg, g.init("slice_end", np.array([np.iinfo(np.int64).max], np.int64)),
                               g.init("slice_axis", np.array([1], np.int64))])
-        lm_w = self.weight("lm_head.weight") if tied is None else tied
-        logits = self.linear(x, lm_w[: logits_width(a, quant)], "lm_head", quant.lm_head or quant.weights)
+        width = logits_width(a, quant)
+        lm_w, blocks = self.part("lm_head.weight") if tied is None else (tied, self.blocks("model.embed_tokens.weight"))
+        kept = None if blocks is None else Blocks(blocks.qtype, blocks.rows[:width])
+        logits = self.linear(x, [(lm_w[:width], kept)], "lm_head", quant.lm_head or quant.weights)
         del lm_w
         if self.act != np.float32:
             (logits,) = g.op("Cast", [logits], to=TensorProto.FLOAT)
@@ -402,16 +486,19 @@ def build_decoder(
     out_dir: Path,
     max_context: Optional[int] = None,
     progress: Optional[Callable[[int], None]] = None,
+    blocks: Optional[BlockReader] = None,
 ) -> GraphIO:
     """Write `model.onnx` + `model.onnx.data` into out_dir.
 
     weight(name) returns the fp32 numpy array of a Hugging Face parameter; it is called once per
     tensor so the caller can stream from safetensors. progress(i) is called after each layer.
+    blocks(name), for a GGUF source, returns a tensor's stored blocks, whose encoding the graph
+    keeps where quant.keep_source_quant says so (gguf_quant.py).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = TensorWriter(out_dir / "model.onnx.data")
     max_pos = min(arch.max_position_embeddings, max_context or arch.max_position_embeddings)
-    d = _Decoder(arch, weight, quant, _Graph(writer), max_pos)
+    d = _Decoder(arch, weight, quant, _Graph(writer), max_pos, blocks)
     tied = d.embed()
     pending: Optional[str] = None  # output of the previous sublayer, not yet added to residual
     for i in range(arch.num_layers):

@@ -8,6 +8,7 @@ and settings, and hard-linked into the bundle.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -25,6 +26,7 @@ from edge_ssd.memory import fmt_bytes, peak_rss_bytes
 from edge_ssd.progress import Bar, stage
 
 from .errors import ExportError
+from .gguf_source import open_gguf_blocks, pointed_gguf
 from .graph import BUILDER_VERSION, Arch, GraphIO, QuantConfig, UnsupportedModelError, build_decoder, logits_width
 from .output import begin, check_destination, check_not_source, clean_stale, commit, discard, resolve_out
 from .registry import CACHE
@@ -71,6 +73,7 @@ def _source_key(hf_dir: Path) -> str:
 
 
 REFERENCE_FILE = "reference.json"  # in a graph's cache folder: the fp32 reference argmax per prompt
+REFERENCE_LOGITS = "reference-logits.npz"  # beside it: the logits behind that argmax (validation's KL)
 
 
 def build_graph_cached(hf_dir: Path, arch: Arch, quant: QuantConfig, max_context: Optional[int],
@@ -78,8 +81,8 @@ def build_graph_cached(hf_dir: Path, arch: Arch, quant: QuantConfig, max_context
     """Build (or reuse) the graph for these weights and settings; return its cache folder.
 
     Given the validation prompts, the numpy reference runs on the weights as the build reads
-    them (reference.ReferenceTap) and its argmax is kept beside the graph, so validation
-    reads the source once, not twice.
+    them (reference.ReferenceTap) and its argmax and logits are kept beside the graph, so
+    validation reads the source once, not twice.
     """
     key = hashlib.sha256(json.dumps(
         [_source_key(hf_dir), quant.to_json(), max_context, BUILDER_VERSION], sort_keys=True
@@ -94,21 +97,26 @@ def build_graph_cached(hf_dir: Path, arch: Arch, quant: QuantConfig, max_context
         bar = Bar(f"{label} layers", arch.num_layers, "layers")
         weight = open_weights(hf_dir)
         tap = reference_tap(weight, arch, prompts) if prompts else None
-        build_decoder(arch, tap or weight, quant, tmp, max_context, progress=lambda i: bar.update(1))
+        gguf = pointed_gguf(hf_dir) if quant.keep_source_quant else None
+        build_decoder(arch, tap or weight, quant, tmp, max_context, progress=lambda i: bar.update(1),
+                      blocks=open_gguf_blocks(gguf) if gguf else None)
         bar.close()
-    if tap is not None and tap.result is not None:
+    if tap is not None and tap.logits is not None:
         (tmp / REFERENCE_FILE).write_text(json.dumps({"prompts": prompts, "argmax": [a.tolist() for a in tap.result]}))
+        np.savez(tmp / REFERENCE_LOGITS, *tap.logits)
     os.replace(tmp, out)
     return out
 
 
 def _cached_reference(built: Path, prompts: list) -> Optional[list]:
-    """The reference argmax kept by build_graph_cached for exactly these prompts, if any."""
+    """The reference logits kept by build_graph_cached for exactly these prompts, if any."""
     try:
-        kept = json.loads((built / REFERENCE_FILE).read_text())
-    except (OSError, ValueError):
+        if json.loads((built / REFERENCE_FILE).read_text()).get("prompts") != prompts:
+            return None
+        with np.load(built / REFERENCE_LOGITS) as kept:
+            return [kept[f"arr_{i}"] for i in range(len(prompts))]
+    except (OSError, ValueError, KeyError):
         return None
-    return [np.asarray(a) for a in kept["argmax"]] if kept.get("prompts") == prompts else None
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -189,6 +197,14 @@ def _check_plan(plan: ExportPlan) -> None:
                           f"many positions), not {plan.max_context}")
 
 
+def effective_quant(quant: QuantConfig, hf_dir: Path) -> QuantConfig:
+    """quant as it applies to this source: keeping the source's quantization needs GGUF blocks,
+    so for any other source it is off (and the manifest and cache key say so)."""
+    if quant.keep_source_quant and pointed_gguf(hf_dir) is None:
+        return dataclasses.replace(quant, keep_source_quant=False)
+    return quant
+
+
 def _read_by(plan: ExportPlan) -> dict:
     """What the export reads from disk, which --out must not touch: the sources given as paths
     (hub ids are not paths) and the cache."""
@@ -256,15 +272,15 @@ def _write_bundle(tmp: Path, plan: ExportPlan, hf: dict, arch: dict, name: str, 
     prompts = _encoder(tok_file)
     manifest_models, built = {}, {}
     for m in plan.models:
-        a = arch[m.role]
+        a, quant = arch[m.role], effective_quant(m.quant, hf[m.role])
         max_ctx = min(a.max_position_embeddings, plan.max_context or a.max_position_embeddings)
-        built[m.role] = build_graph_cached(hf[m.role], a, m.quant, max_ctx, plan.cache, m.role,
+        built[m.role] = build_graph_cached(hf[m.role], a, quant, max_ctx, plan.cache, m.role,
                                            [prompts(p) for p in PROMPTS] if plan.validate else None)
         for fname in ("model.onnx", "model.onnx.data"):
             _link_or_copy(built[m.role] / fname, tmp / m.role / fname)
         with stage(f"checksum {m.role} files"):
             files = _file_entries(tmp, m.role)
-        manifest_models[m.role] = _model_manifest(a, m.quant, m.role, files, max_ctx, GraphIO())
+        manifest_models[m.role] = _model_manifest(a, quant, m.role, files, max_ctx, GraphIO())
     shutil.copy2(tok_file, tmp / "tokenizer.json")
     manifest = {
         "schema": SCHEMA,
@@ -303,14 +319,14 @@ def _encoder(tok_file: Path):
 
 
 def _validate(folder: Path, manifest: dict, hf: dict, arch: dict, built: dict) -> dict:
-    """Golden check and fp32 agreement per model, on the files as they will ship."""
+    """Golden check, fp32 agreement and KL divergence per model, on the files as they will ship."""
     from edge_ssd.bundle import model_entry
 
     encode = _encoder(folder / "tokenizer.json")
     report = {}
     for role, m in manifest["models"].items():
         entry = model_entry(folder, role, m)
-        with stage(f"validate {role} graph (golden check, top-1 agreement vs fp32)"):
+        with stage(f"validate {role} graph (golden check, top-1 agreement and KL vs fp32)"):
             kept = _cached_reference(built[role], [encode(p) for p in PROMPTS])
             reference, name = ((lambda prompts, kept=kept: kept), "numpy-fp32") if kept else \
                 choose_reference(hf[role], arch[role])
@@ -318,6 +334,7 @@ def _validate(folder: Path, manifest: dict, hf: dict, arch: dict, built: dict) -
         r = report[role]
         agree = r.get("top1_agreement_vs_fp32")
         print(f"    {role}: K+1-vs-one-at-a-time max |diff| {r['golden_max_abs_diff']:.3g}"
-              + (f", top-1 agreement vs fp32 ({r['reference']}) {agree:.1%}" if agree is not None else "")
+              + (f", top-1 agreement vs fp32 ({r['reference']}) {agree:.1%}, KL {r['kl_vs_fp32']:.4f} nats/token"
+                 if agree is not None else "")
               + f", rows invariant for >= 2 rows (--exact possible): {r['rows_invariant']}")
     return report

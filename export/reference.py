@@ -24,7 +24,7 @@ from .weights import Weights
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
-Reference = Callable[[list], list]  # prompts (lists of ids) -> teacher-forced argmax per prompt
+Reference = Callable[[list], list]  # prompts (lists of ids) -> teacher-forced fp32 logits [S, V] per prompt
 
 
 def _rms_norm(x: np.ndarray, gamma: np.ndarray, eps: float) -> np.ndarray:
@@ -124,7 +124,8 @@ class ReferenceTap:
     reference costs no second read (for a GGUF, a second dequantization: ~17 s CPU for the 1.5B
     target here). Layers are run as soon as all of a layer's weights have passed; `result` is
     the teacher-forced argmax per prompt once the head has passed, else None (a builder that
-    read other names or another order: the caller then runs numpy_reference)."""
+    read other names or another order: the caller then runs numpy_reference); `logits` the
+    teacher-forced logits behind it (validation's KL divergence)."""
 
     def __init__(self, weight: Weights, arch: Arch, prompts: list):
         self._weight, self._arch = weight, arch
@@ -132,7 +133,11 @@ class ReferenceTap:
         self._wanted = {n: (i, k) for i in range(arch.num_layers) for k, n in _layer_names(arch, i).items()}
         self._held: dict = {}  # layer -> {short name: array}, until the layer runs
         self._final: dict = {}
-        self.result: Optional[list] = None
+        self.logits: Optional[list] = None
+
+    @property
+    def result(self) -> Optional[list]:
+        return None if self.logits is None else [o.argmax(-1) for o in self.logits]
 
     def __call__(self, name: str) -> np.ndarray:
         w = self._weight(name)
@@ -157,9 +162,9 @@ class ReferenceTap:
     def _finish(self) -> None:
         f = self._forward
         head = f.head if f.head is not None else self._final.get("lm_head.weight")
-        if self.result is None and f.done_layers == self._arch.num_layers and head is not None \
+        if self.logits is None and f.done_layers == self._arch.num_layers and head is not None \
                 and "model.norm.weight" in self._final:
-            self.result = [o.argmax(-1) for o in f.logits(self._final.pop("model.norm.weight"), head)]
+            self.logits = f.logits(self._final.pop("model.norm.weight"), head)
             self._final.clear()
             f.head = None
 
@@ -178,7 +183,7 @@ def reference_tap(weight: Weights, arch: Arch, prompts: list) -> Optional[Refere
 
 
 def numpy_reference(weight: Weights, arch: Arch) -> Optional[Reference]:
-    """The teacher-forced argmax reference, or None for an architecture this forward does not implement."""
+    """The teacher-forced logits reference, or None for an architecture this forward does not implement."""
     if not implements(arch):
         return None
-    return lambda prompts: forward_logits(weight, arch, prompts)
+    return lambda prompts: forward_logits(weight, arch, prompts, keep_argmax=False)

@@ -55,8 +55,10 @@ def profiled_sessions(prefix: str):
 
 def group_of(node: str, op: str) -> str:
     """The op group a (possibly fused) node belongs to, from the exporter's node names."""
+    if op in ("ReduceSum", "MatMul", "Sub") and ("offsets" in node or op != "MatMul"):
+        return "kept Q4_K: block sums, offsets MatMul, Sub"
     if op == "MatMulNBits":
-        if node == "lm_head":
+        if node.startswith("lm_head"):
             return "LM head (MatMulNBits)"
         for part, label in (("qkv_proj", "q/k/v"), ("o_proj", "o"), ("gate_up_proj", "gate/up"), ("down_proj", "down")):
             if part in node:

@@ -24,12 +24,16 @@ import numpy as np
 from .model import OnnxLM
 
 # How long the pending one-row steps wait for the other active slots to ask for theirs, from
-# when the device is free for them. Their loops come back within a fraction of a millisecond
-# of a step (accepting, drafting by lookup, text); a slot that is late (its consumer is slow,
-# it is drafting with the model) costs the others at most this much per step. The window
-# restarts when a forward ends, so a slot that missed one batch waits for the slots that just
-# got their logits, and the batch does not split for good into groups that alternate.
+# when the device is free for them: GATHER_SHARE of the last batched forward's time, at least
+# GATHER_S. Between steps each loop runs ~1-3 ms of Python (accepting, lookups, text, the
+# server's events), one thread at a time under the GIL, so n slots come back over n times
+# that. A row that joins costs its compute only (~12 ms a row against ~31 ms a forward for
+# the int4 1.5B target here), while one that misses the batch needs a forward of its own; a
+# slot that is really away (a slow consumer, model drafting) costs the others at most the
+# window. The window restarts when a forward ends, so a slot that missed one batch waits for
+# the slots that just got their logits, and the batch does not split for good into groups.
 GATHER_S = 0.003
+GATHER_SHARE = 0.25
 
 
 class Batcher:
@@ -53,6 +57,7 @@ class Batcher:
         self._done: dict = {}           # slot -> logits of a finished one-row step
         self._running = False
         self._window_end: Optional[float] = None  # the pending steps run by then, all slots or not
+        self._window = GATHER_S
         self.steps = 0                  # batched forwards run, and the rows they carried
         self.rows = 0
 
@@ -96,7 +101,7 @@ class Batcher:
         with self._cv:
             self._pending[slot] = token
             if self._window_end is None and not self._running:
-                self._window_end = time.perf_counter() + GATHER_S
+                self._window_end = time.perf_counter() + self._window
             self._cv.notify_all()
             while slot not in self._done:
                 if self._running:
@@ -122,7 +127,9 @@ class Batcher:
         self._cv.release()
         try:
             with self.device:
+                t0 = time.perf_counter()
                 out = self.lm.step(list(batch), list(batch.values()))
+                self._window = max(GATHER_S, GATHER_SHARE * (time.perf_counter() - t0))
             results = dict(zip(batch, out))
         except BaseException as e:  # every waiting slot gets the error, not a hang
             results = {s: e for s in batch}
@@ -130,7 +137,7 @@ class Batcher:
             self._cv.acquire()
             self._running = False
             if self._pending:  # steps that arrived meanwhile: a new window, from now
-                self._window_end = time.perf_counter() + GATHER_S
+                self._window_end = time.perf_counter() + self._window
         self.steps += 1
         self.rows += len(batch)
         self._done.update(results)

@@ -57,7 +57,13 @@ class Server:
         if "edge-ssd serve" not in line:
             self.proc.kill()
             raise SystemExit(f"the server did not start: {line}{self.proc.stderr.read()}")
-        return self
+        for _ in range(200):  # the banner comes just before uvicorn accepts
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise SystemExit("the server printed its banner but does not answer /health")
 
     def __exit__(self, *exc) -> None:
         self.proc.terminate()
@@ -72,6 +78,11 @@ class Server:
     def cpu_s(self) -> float:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def batch_counts(self) -> tuple:
+        """(batched forwards, rows they carried) so far."""
+        steps = self.metric("edge_ssd_batch_steps_total")
+        return steps, steps * self.metric("edge_ssd_batch_occupancy")
 
     def metric(self, name: str) -> float:
         text = httpx.get(self.url + "/metrics", timeout=30).text
@@ -154,9 +165,11 @@ def main() -> int:
         with Server(args.bundle, slots, args.serve_args.split()) as srv:
             one_request(srv.url, "Say hi.", 8)  # warm-up: first-use allocations, the suffix cache
             for c in streams:
+                steps0, rows0 = srv.batch_counts()
                 r = run_streams(srv, prompts, c, args.per_stream, args.max_tokens)
+                steps1, rows1 = srv.batch_counts()
                 r.update(server_slots=slots, peak_rss=srv.peak_rss(),
-                         batch_occupancy=srv.metric("edge_ssd_batch_occupancy"))
+                         batch_occupancy=(rows1 - rows0) / (steps1 - steps0) if steps1 > steps0 else 0.0)
                 runs.append(r)
                 print(f"slots {slots} streams {c}: aggregate {r['aggregate_tok_s']:.1f} tok/s, per stream "
                       f"{r['per_stream_tok_s']:.1f}, TTFT {r['ttft_s']:.2f} s (max {r['ttft_max_s']:.2f}), "

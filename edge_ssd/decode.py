@@ -19,7 +19,7 @@ from .drafters import Drafter, DraftRound, Proposal
 from .enums import DraftSource, FinishReason, GovernorAction
 from .errors import MemoryBudgetError, RequestError
 from .governor import Governor, prefill_bytes_per_token
-from .model import OnnxLM, prefill
+from .model import SHARED_PREFILL_CHUNK, OnnxLM, prefill
 from .policy import SpecPolicy
 from .sampling import SamplingParams, accept_greedy, accept_sampled, pick
 from .stats import Stats
@@ -61,12 +61,6 @@ def _draft_round(policy: SpecPolicy, drafter: Drafter, room: int, governor: Opti
                       verify_cost=policy.cost if policy.costs is not None else None,
                       accept_prob=policy.acceptance.prob, token_rate=policy.rate.value,
                       fanout_cap=governor.fanout_cap if governor is not None else None)
-
-
-# Prompt tokens per forward while other requests are decoding in the same batch: a prefill
-# forward holds the device, so every other stream waits for it; 64 tokens keeps that wait near
-# a few decoding steps' time while the matmuls still run at prefill efficiency.
-SHARED_PREFILL_CHUNK = 64
 
 
 def _prefill(target: OnnxLM, drafter: Optional[Drafter], prompt: list, governor: Optional[Governor]):

@@ -206,6 +206,13 @@ class OnnxLM:
         self.lengths[slot] = 0
 
 
+# Prompt tokens per forward while other requests are decoding in the same batch: a prefill
+# forward holds the device, so every other stream waits for it; 64 tokens keeps that wait near
+# a few decoding steps' time while the matmuls still run near prefill efficiency (measured
+# here: 256 tokens in 2.03 s by 64s against 1.93 s by 256s).
+SHARED_PREFILL_CHUNK = 64
+
+
 def prefill(lm, ids: Sequence[int], chunk: int) -> Iterator[np.ndarray]:
     """Feed a long prompt to `lm` `chunk` tokens per forward, yielding the logits after each:
     the working memory of a forward grows with its rows times the context, so a bounded chunk

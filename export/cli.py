@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--block-size", type=int, default=None,
                     help="int4/int8 quantization block, 16..256 (default: the pair's recommendation, else 32)")
     ap.add_argument("--accuracy-level", type=int, default=None,
-                    help="MatMulNBits compute: 4 = int8 activations (fast on CPU), 0/1 = fp32 (default 4)")
+                    help="MatMulNBits compute: 4 = int8 activations (fast on CPU), 0/1 = fp32 "
+                         "(default 4; 0 for Gemma, whose activations int8 rounding does not keep)")
     ap.add_argument("--gguf-weights", choices=["requantize", "keep"], default="requantize",
                     help="a GGUF source's int4/int8 weights: re-quantize its dequantized values like any other "
                          "source (default; fastest), or keep its Q4_K tensors exact and its Q6_K/Q8_0 ones "
@@ -72,7 +73,7 @@ def _given(value, default):
 
 def _quant(args, which: Optional[str], rec: dict, role: str) -> QuantConfig:
     block = _given(args.block_size, rec.get(f"{role}_block_size", rec.get("block_size", 32)))
-    level = _given(args.accuracy_level, rec.get("accuracy_level", 4))
+    level = _given(args.accuracy_level, rec.get("accuracy_level"))  # None: the family's default
     vocab = _given(args.draft_vocab, rec.get("draft_vocab")) if role == "draft" else None
     return QuantConfig(weights=which or args.quant, block_size=block, accuracy_level=level,
                        lm_head=args.lm_head_quant, vocab_limit=vocab, keep_source_quant=args.gguf_weights == "keep")

@@ -23,6 +23,8 @@ GB of RAM instead of the 15 GB that a torch-traced export peaks at.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import json
 import math
@@ -50,7 +52,9 @@ class QuantConfig:
 
     weights: str = "int4"
     block_size: int = 32
-    accuracy_level: int = 4
+    # MatMulNBits compute: 4 = int8 activations (fast on CPU), 0/1 = fp32. None: the family's
+    # default (Arch.default_accuracy_level), resolved by the pipeline once the source is read.
+    accuracy_level: Optional[int] = None
     lm_head: Optional[str] = None
     # Keep only the first N rows of the LM head (a draft's logits over the N lowest token ids:
     # for byte-level BPE the earliest, most frequent merges). The target still verifies over
@@ -70,7 +74,7 @@ class QuantConfig:
                 raise UnsupportedModelError(f"unknown quantization {q!r} (choose from {', '.join(WEIGHT_QUANTS)})")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise UnsupportedModelError(f"block size must be 16, 32, 64, 128 or 256, not {self.block_size}")
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
+        if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise UnsupportedModelError(f"accuracy level must be 0..4, not {self.accuracy_level}")
         if self.vocab_limit is not None and self.vocab_limit < 256:
             raise UnsupportedModelError(f"vocabulary limit must be at least 256, not {self.vocab_limit}")
@@ -495,6 +499,8 @@ def build_decoder(
     blocks(name), for a GGUF source, returns a tensor's stored blocks, whose encoding the graph
     keeps where quant.keep_source_quant says so (gguf_quant.py).
     """
+    if quant.accuracy_level is None:
+        quant = dataclasses.replace(quant, accuracy_level=arch.default_accuracy_level)
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = TensorWriter(out_dir / "model.onnx.data")
     max_pos = min(arch.max_position_embeddings, max_context or arch.max_position_embeddings)

@@ -197,11 +197,14 @@ def _check_plan(plan: ExportPlan) -> None:
                           f"many positions), not {plan.max_context}")
 
 
-def effective_quant(quant: QuantConfig, hf_dir: Path) -> QuantConfig:
+def effective_quant(quant: QuantConfig, hf_dir: Path, arch: Arch) -> QuantConfig:
     """quant as it applies to this source: keeping the source's quantization needs GGUF blocks,
-    so for any other source it is off (and the manifest and cache key say so)."""
+    so for any other source it is off (and the manifest and cache key say so); an accuracy
+    level not given is the family's default."""
     if quant.keep_source_quant and pointed_gguf(hf_dir) is None:
-        return dataclasses.replace(quant, keep_source_quant=False)
+        quant = dataclasses.replace(quant, keep_source_quant=False)
+    if quant.accuracy_level is None:
+        quant = dataclasses.replace(quant, accuracy_level=arch.default_accuracy_level)
     return quant
 
 
@@ -272,7 +275,8 @@ def _write_bundle(tmp: Path, plan: ExportPlan, hf: dict, arch: dict, name: str, 
     prompts = _encoder(tok_file)
     manifest_models, built = {}, {}
     for m in plan.models:
-        a, quant = arch[m.role], effective_quant(m.quant, hf[m.role])
+        a = arch[m.role]
+        quant = effective_quant(m.quant, hf[m.role], a)
         max_ctx = min(a.max_position_embeddings, plan.max_context or a.max_position_embeddings)
         built[m.role] = build_graph_cached(hf[m.role], a, quant, max_ctx, plan.cache, m.role,
                                            [prompts(p) for p in PROMPTS] if plan.validate else None)

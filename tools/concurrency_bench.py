@@ -7,7 +7,8 @@ the serialized server (one request at a time, the rest queued), in one run.
 
 For each server (slots = the largest stream count, and slots = 1) and each stream count c, c
 client threads start together and each sends `--per-stream` streaming chat requests one after
-another (Spec-Bench prompts, a different one per request, `--max-tokens` new tokens, greedy).
+another (Spec-Bench prompts spread over its categories, none asked twice of one server,
+`--max-tokens` new tokens, greedy).
 Per request: time to first token (from sending it), decode tokens/s (tokens after the first /
 their time, as the client sees them). Per run: aggregate tokens/s (all completion tokens /
 wall time from the first request to the last answer), median per-stream tokens/s and TTFT,
@@ -116,8 +117,10 @@ def one_request(url: str, prompt: str, max_tokens: int) -> dict:
 
 
 def run_streams(srv: Server, prompts: list, streams: int, per_stream: int, max_tokens: int) -> dict:
-    jobs = [[prompts[(s * per_stream + i) % len(prompts)]["prompt"] for i in range(per_stream)]
-            for s in range(streams)]
+    """`prompts` are this run's own: each request a question the server has not answered before
+    (a repeated one would be drafted from the suffix cache, which is not what a held-out
+    request sees)."""
+    jobs = [[prompts[s * per_stream + i]["prompt"] for i in range(per_stream)] for s in range(streams)]
     results: list = []
     lock = threading.Lock()
     start_gate = threading.Barrier(streams)
@@ -159,14 +162,20 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     streams = [int(x) for x in args.streams.split(",")]
-    prompts = read_prompts(args.prompts, limit=3)
+    prompts = read_prompts(args.prompts)
+    need = sum(streams) * args.per_stream
+    if len(prompts) < need:
+        raise SystemExit(f"{need} distinct prompts needed, {args.prompts} has {len(prompts)}")
+    prompts = [prompts[i * len(prompts) // need] for i in range(need)]  # spread over the categories
     runs: list = []
     for slots in (max(streams), 1):
         with Server(args.bundle, slots, args.serve_args.split()) as srv:
-            one_request(srv.url, "Say hi.", 8)  # warm-up: first-use allocations, the suffix cache
+            one_request(srv.url, "Say hi.", 8)  # warm-up: first-use allocations
+            used = 0
             for c in streams:
                 steps0, rows0 = srv.batch_counts()
-                r = run_streams(srv, prompts, c, args.per_stream, args.max_tokens)
+                r = run_streams(srv, prompts[used:], c, args.per_stream, args.max_tokens)
+                used += c * args.per_stream
                 steps1, rows1 = srv.batch_counts()
                 r.update(server_slots=slots, peak_rss=srv.peak_rss(),
                          batch_occupancy=(rows1 - rows0) / (steps1 - steps0) if steps1 > steps0 else 0.0)

@@ -6,7 +6,9 @@ lone row's logits drift from the same row computed among several (the --exact qu
     python tools/step_costs.py --bundle models/qwen2.5-coder-0.5b-1.5b [--threads 2] [--rows 1-9] [--reps 7]
         [--stat median|min] [--json OUT]
 
-rows = K+1: `--rows 1-9` prices verify(K+1) for every K = 1..8.
+rows = K+1: `--rows 1-9` prices verify(K+1) for every K = 1..8. `--batch 2,4,8` also times
+one-row steps of that many sequences together (each with its own 200-token past: what
+continuous batching runs, batching.py) beside the same number of rows of one sequence.
 """
 from __future__ import annotations
 
@@ -38,6 +40,25 @@ def timed(lm: OnnxLM, ctx: int, rows: int, reps: int, rng: np.random.Generator, 
         lm.forward(ids, keep=rows)
         ts.append(time.perf_counter() - t0)
     return float(STATS[stat](ts[1:]))
+
+
+def timed_batch(entry: ModelEntry, threads: int, ctx: int, sizes: tuple, reps: int, rng: np.random.Generator,
+                stat: str) -> dict:
+    """ms of one batched step of n sequences (one row each, `ctx` tokens of past each), per n."""
+    lm = OnnxLM(entry, threads=threads, max_context=ctx + 32, slots=max(sizes))
+    for s in range(max(sizes)):
+        lm.forward(rng.integers(100, 20000, ctx).tolist(), slot=s)
+    out = {}
+    for n in sizes:
+        ts = []
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            lm.step(list(range(n)), rng.integers(100, 20000, n).tolist())
+            ts.append(time.perf_counter() - t0)
+            for s in range(n):
+                lm.truncate(ctx, s)
+        out[n] = 1000 * float(STATS[stat](ts[1:]))
+    return out
 
 
 def row_drift(lm: OnnxLM, rng: np.random.Generator, past: int = 100, n: int = 8) -> float:
@@ -78,6 +99,7 @@ def main() -> None:
     ap.add_argument("--stat", choices=sorted(STATS), default="median",
                     help="of the reps; min (with many reps) when others share the machine")
     ap.add_argument("--rows", type=parse_rows, default=ROWS, help="row counts to time, e.g. 1,2,3,5,9 or 1-9")
+    ap.add_argument("--batch", type=parse_rows, default=(), help="sequences per batched one-row step, e.g. 2,4,8")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     rows = tuple(sorted(set(args.rows) | {1, 5}))   # the summary line needs decode(1) and verify(5)
@@ -85,6 +107,9 @@ def main() -> None:
     clock = cpu_clock()
     res = {m.role: measure(m, args.threads, args.reps, rows=rows, stat=args.stat)
            for m in (b.target, b.draft) if m is not None}
+    if args.batch:
+        res["target"]["batch_ms"] = timed_batch(b.target, args.threads, 200, args.batch, args.reps,
+                                                np.random.default_rng(1), args.stat)
     others = others_cpu_share(clock, cpu_clock())
     t = res["target"]
     print(f"{'model':<8}{'decode@200':>12}{'decode@1000':>13}" + "".join(f"{'rows=' + str(r):>9}" for r in rows)
@@ -101,6 +126,10 @@ def main() -> None:
         print(f"; draft step/target step = {res['draft']['rows_ms'][1] / t['rows_ms'][1]:.2f}x")
     else:
         print()
+    for n, ms in t.get("batch_ms", {}).items():
+        one = t["rows_ms"].get(n)
+        print(f"target: {n} sequences x 1 row together {ms:.1f} ms" + (f" (1 sequence x {n} rows: {one:.1f} ms)" if one else "")
+              + f"; {n / ms * 1000:.1f} tokens/s against {1000 / t['rows_ms'][1]:.1f} alone")
     print(f"other processes took {others:.0%} of the CPUs meanwhile (above a few %, these figures are noise)")
     if args.json:
         args.json.write_text(json.dumps({"bundle": str(b.path), "threads": args.threads, "stat": args.stat,

@@ -10,9 +10,10 @@ that is s*(q - 8) - (m - 8s): ONNX Runtime computes it exactly as
 MatMulNBits without zero points (its implicit 8) runs MLAS's symmetric kernel: with explicit
 zero points 0 the same gate+up MatMulNBits took about twice as long (0.93 vs 0.44 ms a row). The offsets
 term is a small fp32 MatMul over the 32-value block sums of x (K/32 rows).
-Q8_0 is exactly 8-bit MatMulNBits at block 32, Q6_K exactly 8-bit at block 16 (its scale
-granularity). Other types (Q5_0, ...) return None here and the caller re-quantizes them as
-configured. All these blocks (32, 16) are row-invariant in MLAS, so --exact still works.
+Q8_0 and Q5_0 are exactly 8-bit MatMulNBits at block 32 (Q5_0's 5-bit values fit 8 bits;
+there is no 5-bit MatMulNBits, and 4 bits would round them again: most of Gemma 3 270M's
+Q4_K_M tensors are Q5_0), Q6_K exactly 8-bit at block 16 (its scale granularity). Other
+types return None here and the caller re-quantizes them as configured. All these blocks (32, 16) are row-invariant in MLAS, so --exact still works.
 """
 from __future__ import annotations
 
@@ -63,6 +64,19 @@ def _q8_0(rows: np.ndarray) -> tuple:
     return q.astype(np.uint8).reshape(n, -1, 32), d.reshape(n, -1)
 
 
+def _q5_0(rows: np.ndarray) -> tuple:
+    """Q5_0 (fp16 d, 32 high bits, 16 bytes of low nibbles per 32 values: w = d*(q - 16)) ->
+    (packed q - 16 + 128, scales d), block 32. Layout as gguf.quants.Q5_0.dequantize_blocks reads it."""
+    n = rows.shape[0]
+    blocks = rows.reshape(-1, 22)
+    nb = blocks.shape[0]
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+    qh = blocks[:, 2:6].copy().view(np.uint32).reshape(nb, 1) >> np.arange(32, dtype=np.uint32).reshape(1, 32)
+    ql = (blocks[:, 6:].reshape(nb, 1, 16) >> np.array([0, 4], np.uint8).reshape(1, 2, 1)) & 0x0F
+    q = ql.reshape(nb, 32) | ((qh & 1).astype(np.uint8) << 4)  # 0..31, the value is q - 16
+    return (q + (INT8_ZERO - 16)).astype(np.uint8).reshape(n, -1, 32), d.reshape(n, -1)
+
+
 def _q6_k(rows: np.ndarray) -> tuple:
     """Q6_K (per 16 values an int8 scale times fp16 d, q in 0..63 offset by 32) -> (packed
     q - 32 + 128, scales), block 16. Bit layout as gguf.quants.Q6_K.dequantize_blocks reads it."""
@@ -81,14 +95,14 @@ def kept_encoding(qtype: int) -> Optional[str]:
     """The encoding that keeps a GGML type exactly, or None (re-quantize as configured)."""
     from gguf import GGMLQuantizationType as Q
 
-    return {Q.Q4_K: Q4K, Q.Q6_K: INT8, Q.Q8_0: INT8}.get(qtype)
+    return {Q.Q4_K: Q4K, Q.Q6_K: INT8, Q.Q8_0: INT8, Q.Q5_0: INT8}.get(qtype)
 
 
 def int8_parts(qtype: int, rows: np.ndarray) -> Int8Parts:
     """The exact 8-bit parts of a type kept_encoding maps to INT8."""
     from gguf import GGMLQuantizationType as Q
 
-    packed, scales = by_row_chunks({Q.Q6_K: _q6_k, Q.Q8_0: _q8_0}[qtype], rows)
+    packed, scales = by_row_chunks({Q.Q6_K: _q6_k, Q.Q8_0: _q8_0, Q.Q5_0: _q5_0}[qtype], rows)
     return Int8Parts(packed, scales, int8_block(qtype))
 
 
@@ -96,7 +110,7 @@ def int8_block(qtype: int) -> int:
     """The MatMulNBits block of a type kept as INT8 (its own scale granularity)."""
     from gguf import GGMLQuantizationType as Q
 
-    return {Q.Q6_K: 16, Q.Q8_0: 32}[qtype]
+    return {Q.Q6_K: 16, Q.Q8_0: 32, Q.Q5_0: 32}[qtype]
 
 
 @dataclass

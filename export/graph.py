@@ -42,7 +42,7 @@ from .families import SUPPORTED_ARCHITECTURES, Arch, UnsupportedModelError  # no
 from .gguf_quant import INT8, Q4K, Q4K_SUB_BLOCK, int8_block, int8_parts, kept_encoding, q4k_parts
 from .gguf_source import Blocks
 
-BUILDER_VERSION = 5  # bump when the emitted graph changes: invalidates cached graphs
+BUILDER_VERSION = 6  # bump when the emitted graph changes: invalidates cached graphs
 ORT_DOMAIN = "com.microsoft"
 
 
@@ -274,9 +274,10 @@ class _Decoder:
     def encoded(self, x: str, parts: list, name: str, enc: Encoding) -> str:
         """One node (or the Q4_K triple) for parts that share an encoding."""
         kind, block = enc
-        if kind in (Q4K, INT8):  # one block size per encoding: the parts share a GGML type
-            rows = _stacked([b.rows for _, b in parts])
-            return self.q4k_linear(x, rows, name) if kind == Q4K else self.int8_linear(x, parts[0][1].qtype, rows, name)
+        if kind == Q4K:
+            return self.q4k_linear(x, _stacked([b.rows for _, b in parts]), name)
+        if kind == INT8:  # one block size, maybe several GGML types (Q5_0 q and k beside a Q8_0 v)
+            return self.int8_linear(x, [b for _, b in parts], name)
         w = np.ascontiguousarray(_stacked([w for w, _ in parts]).T)  # [K=in, N=out]
         if kind in ("int4", "int8"):
             return self.nbits_linear(x, w, name, 4 if kind == "int4" else 8, block)
@@ -297,13 +298,15 @@ class _Decoder:
                          block_size=block, accuracy_level=self.quant.accuracy_level)
         return y
 
-    def int8_linear(self, x: str, qtype: int, rows: np.ndarray, name: str) -> str:
-        """Q6_K / Q8_0 rows kept exact as 8-bit MatMulNBits (gguf_quant.py)."""
-        p = int8_parts(qtype, rows)
-        n, blocks = p.scales.shape
-        ins = [x, self.g.init(f"{name}.qweight", p.packed), self.const(f"{name}.scales", p.scales)]
-        (y,) = self.g.op("MatMulNBits", ins, domain=ORT_DOMAIN, name=name, K=blocks * p.block, N=n, bits=8,
-                         block_size=p.block, accuracy_level=self.quant.accuracy_level)
+    def int8_linear(self, x: str, parts: list, name: str) -> str:
+        """Q6_K / Q8_0 / Q5_0 rows (Blocks of one 8-bit block size) kept exact as one 8-bit
+        MatMulNBits (gguf_quant.py)."""
+        ps = [int8_parts(b.qtype, b.rows) for b in parts]
+        packed, scales, block = _stacked([p.packed for p in ps]), _stacked([p.scales for p in ps]), ps[0].block
+        n, blocks = scales.shape
+        ins = [x, self.g.init(f"{name}.qweight", packed), self.const(f"{name}.scales", scales)]
+        (y,) = self.g.op("MatMulNBits", ins, domain=ORT_DOMAIN, name=name, K=blocks * block, N=n, bits=8,
+                         block_size=block, accuracy_level=self.quant.accuracy_level)
         return y
 
     def q4k_linear(self, x: str, rows: np.ndarray, name: str) -> str:

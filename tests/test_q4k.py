@@ -57,13 +57,14 @@ def q6_k_blocks(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
     return raw.reshape(n, -1)
 
 
-def test_int8_parts_rebuild_q6_k_and_q8_0():
-    """Q6_K at block 16 and Q8_0 at block 32: scales * (packed - 128) is the GGUF's value, exactly."""
+def test_int8_parts_rebuild_q6_k_q8_0_and_q5_0():
+    """Q6_K at block 16, Q8_0 and Q5_0 at block 32: scales * (packed - 128) is the GGUF's value, exactly."""
     from edge_ssd_export.gguf_quant import int8_parts
 
     rng = np.random.default_rng(0)
     q8 = gguf.quants.quantize(rng.standard_normal((8, 512)).astype(np.float32), Q.Q8_0)
-    for qtype, rows, block in ((Q.Q6_K, q6_k_blocks(rng, 8, 512), 16), (Q.Q8_0, q8, 32)):
+    q5 = gguf.quants.quantize(rng.standard_normal((8, 512)).astype(np.float32), Q.Q5_0)
+    for qtype, rows, block in ((Q.Q6_K, q6_k_blocks(rng, 8, 512), 16), (Q.Q8_0, q8, 32), (Q.Q5_0, q5, 32)):
         p = int8_parts(qtype, rows)
         assert p.block == block and p.packed.shape == (8, 512 // block, block)
         rebuilt = np.repeat(p.scales, block, 1) * (p.packed.reshape(8, 512).astype(np.float32) - 128)

@@ -155,6 +155,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", required=True)
     ap.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)
+    ap.add_argument("--categories", default=None,
+                    help="comma-separated Spec-Bench categories to draw from (default: all)")
     ap.add_argument("--streams", default="1,2,4,8", help="comma-separated concurrent client counts")
     ap.add_argument("--per-stream", type=int, default=2, help="requests each client sends, one after another")
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -162,7 +164,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     streams = [int(x) for x in args.streams.split(",")]
-    prompts = read_prompts(args.prompts)
+    prompts = read_prompts(args.prompts, categories=set(args.categories.split(",")) if args.categories else None)
     need = sum(streams) * args.per_stream
     if len(prompts) < need:
         raise SystemExit(f"{need} distinct prompts needed, {args.prompts} has {len(prompts)}")

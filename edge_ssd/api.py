@@ -17,7 +17,6 @@ starting another request on the same thread releases it.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -169,7 +168,8 @@ class Engine:
         if self.draft is not None:
             self.draft.allocate(self.plan.max_context, self.slots)
         self.tokenizer = Tokenizer(bundle.tokenizer_file, bundle.tokenizer)
-        self._lock = threading.Lock()    # slots=1: the engine; else guards the bookkeeping below
+        self._lock = threading.Lock()    # slots=1: the engine
+        self._books = threading.Lock()   # the bookkeeping below, and taking slots
         self._free = threading.Semaphore(self.slots)
         self._running = 0
         self._holders: dict = {}         # thread id -> weak refs to the Streams it holds open
@@ -319,7 +319,7 @@ class Engine:
             lease = Lease(self.target, self.draft, self._lock.release)
         else:
             self._free.acquire()
-            with self._lock:
+            with self._books:
                 target = self._batches["target"].acquire()
                 draft_batch = self._batches.get("draft")
                 draft = draft_batch.acquire() if draft_batch is not None else None
@@ -330,13 +330,13 @@ class Engine:
                     draft.release()
                 self._free.release()
             lease = Lease(target, draft, release)
-        with self._lock if self._batches is not None else contextlib.nullcontext():
+        with self._books:
             self._running += 1
             self._holders.setdefault(me, []).append(stream)
         return lease
 
     def _let_go(self, lease: Lease, stream: "weakref.ref") -> None:
-        with self._lock if self._batches is not None else contextlib.nullcontext():
+        with self._books:
             self._running -= 1
             held = self._holders.get(threading.get_ident(), [])
             if stream in held:

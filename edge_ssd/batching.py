@@ -153,7 +153,6 @@ class SlotLM:
         self.batcher, self.slot, self.lm = batcher, slot, batcher.lm
         self.entry, self.vocab, self.device = self.lm.entry, self.lm.vocab, self.lm.device
         self.max_context, self.min_rows = self.lm.max_context, self.lm.min_rows
-        self.session = self.lm.session
 
     @property
     def length(self) -> int:

@@ -105,11 +105,16 @@ def write_gguf(folder: Path, out: Path, pre: str = "qwen2", quant: dict = None) 
             w.add_tensor(g, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(g, np.ascontiguousarray(t, dtype=np.float32))
+    _write(w)
+    return out
+
+
+def _write(w) -> None:
+    """Write a GGUFWriter's header, metadata and tensors to its file and close it."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return out
 
 
 # A SentencePiece (BPE type) vocabulary shaped like Gemma's: control tokens, user-defined
@@ -186,10 +191,7 @@ def write_gemma3_gguf(folder: Path, out: Path, pattern: int = 2) -> Path:
             t = t + np.float32(1.0)
         g = names.get_name(name, try_suffixes=(".weight", ".bias"))
         w.add_tensor(g, np.ascontiguousarray(t, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _write(w)
     return out
 
 
@@ -201,8 +203,5 @@ def write_vocabulary_gguf(out: Path, size: int = 300, **overrides) -> Path:
     add_spm_vocabulary(w, size)
     for key, value in overrides.items():
         w.add_bool(key, value)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _write(w)
     return out

@@ -34,8 +34,10 @@ from .drafters import AutoDrafter, Drafter, ModelDrafter
 from .enums import FinishReason
 from .errors import BundleError, RequestError
 from .governor import Governor
+from .hugepages import huge_page_bytes
 from .lookup import TokenStore, lookup_drafters
-from .memory import Reading, read_memory
+from .machine import describe
+from .memory import Reading, read_memory, release_free_heap
 from .model import OnnxLM, rows_invariant_here
 from .parallel import ParallelDrafter
 from .providers import resolve
@@ -141,12 +143,14 @@ class Engine:
             if options.draft_provider else self.provider
         threads, draft_threads = placement(cores, self.provider, draft_provider, options)
         self.target = OnnxLM(bundle.target, self.provider, threads, min_rows=min_rows, allocate=False)
+        release_free_heap()  # before measuring what the weights take: loading's garbage is not theirs
         rss1 = reader().rss
         weights = {"target": max(rss1 - rss0, bundle.target.weight_bytes // 2)}
         kv = {"target": bundle.target.kv_bytes_per_token}
         self.draft: Optional[OnnxLM] = None
         if use_draft:
             self.draft = OnnxLM(bundle.draft, draft_provider, draft_threads, allocate=False)
+            release_free_heap()
             weights["draft"] = max(reader().rss - rss1, bundle.draft.weight_bytes // 2)
             kv["draft"] = bundle.draft.kv_bytes_per_token
         self._draft_placement = (draft_provider, draft_threads)
@@ -168,6 +172,7 @@ class Engine:
         if self.draft is not None:
             self.draft.allocate(self.plan.max_context, self.slots)
         self.tokenizer = Tokenizer(bundle.tokenizer_file, bundle.tokenizer)
+        self.huge_pages = huge_page_bytes()  # of the weights just loaded (hugepages.py)
         self._lock = threading.Lock()    # slots=1: the engine
         self._books = threading.Lock()   # the bookkeeping below, and taking slots
         self._free = threading.Semaphore(self.slots)
@@ -181,8 +186,11 @@ class Engine:
         key = {"bundle": bundle.manifest["models"]["target"]["files"][-1]["sha256"],
                "draft": (bundle.manifest["models"].get("draft") or {}).get("files", [{}])[-1].get("sha256"),
                "provider": self.provider, "threads": [threads, draft_threads, cores],
-               "exact": options.exact, "draft_loaded": self.draft is not None}
+               "exact": options.exact, "draft_loaded": self.draft is not None,
+               "machine": {k: v for k, v in describe().items() if k != "python"},
+               "huge_pages": self.huge_pages > 0}
         self.costs: StepCosts = cached_calibration(key, self.target, self.draft, STAMP_CACHE.parent)
+        release_free_heap()
 
     @classmethod
     def load(cls, path: "str | Path", **options) -> "Engine":
@@ -393,7 +401,8 @@ class Engine:
                 stats.finish_reason = FinishReason.STOP
             if tail:
                 yield labelled(tail, start)
-            out["result"] = Result(text.full_text, tokens, {**stats.to_json(), "memory": self.plan.to_json()},
+            memory = {**self.plan.to_json(), "huge_pages_bytes": self.huge_pages}
+            out["result"] = Result(text.full_text, tokens, {**stats.to_json(), "memory": memory},
                                    stats.finish_reason, stats.error)
 
         stream = Stream(pieces(), out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,7 @@ from .cli_args import (PROVIDER_CHOICES, OneLineParser, add_engine_args, add_req
                        positive_int, request_from_args)
 from .enums import DraftSource
 from .errors import EdgeSSDError, RequestError
+from .hugepages import reexec_with_hugepages, thp_mode
 from .outputs import check_output, replace_when_done
 from .request import DEFAULTS, Request
 from .server.cli import add_serve_parser
@@ -231,7 +233,9 @@ def cmd_info(args) -> int:
 
     vm = psutil.virtual_memory()
     info = {"onnxruntime": ort.__version__, "providers": available(), "cpu_count": psutil.cpu_count(),
-            "memory_total": fmt_bytes(vm.total), "memory_available": fmt_bytes(vm.available)}
+            "memory_total": fmt_bytes(vm.total), "memory_available": fmt_bytes(vm.available),
+            "transparent_huge_pages": thp_mode() or "unknown",
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
     if args.bundle:
         from .api import Engine
 
@@ -239,7 +243,8 @@ def cmd_info(args) -> int:
                              max_context=args.max_context)
         b = engine.bundle
         info["bundle"] = {"path": str(b.path), "name": b.name, "providers": engine.providers(),
-                          "memory_plan": engine.plan.to_json(), "step_costs": engine.costs.to_json()}
+                          "memory_plan": engine.plan.to_json(), "step_costs": engine.costs.to_json(),
+                          "weights_on_huge_pages": fmt_bytes(engine.huge_pages)}
         for m in (b.target, b.draft):
             if m is not None:
                 info["bundle"][m.role] = {
@@ -250,7 +255,13 @@ def cmd_info(args) -> int:
     return 0
 
 
+MODEL_COMMANDS = ("generate", "bench", "serve", "info")
+
+
 def main(argv: Optional[list] = None) -> int:
+    """The program (argv None: sys.argv, and it may re-execute itself once with huge pages,
+    hugepages.py) or a call with its own argv (runs in this process as it is)."""
+    argv_given = argv
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "export":
         try:
@@ -260,6 +271,8 @@ def main(argv: Optional[list] = None) -> int:
             return 2
         return export_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if argv_given is None and args.cmd in MODEL_COMMANDS:
+        reexec_with_hugepages()  # before any model loads: glibc reads the setting at startup only
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         if args.cmd == "generate":

@@ -90,7 +90,8 @@ def calibrate(target: OnnxLM, draft: Optional[OnnxLM], context: int = 128, reps:
 
 
 def cached_calibration(key: dict, target: OnnxLM, draft: Optional[OnnxLM], cache_dir: Path) -> StepCosts:
-    """Calibrate once per (bundle, provider, threads, exact, machine); reuse afterwards."""
+    """Calibrate once per key (bundle, provider, threads, exact, this CPU and ONNX Runtime, huge
+    pages on or off: api.py builds it); reuse afterwards."""
     name = "costs-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json"
     path = cache_dir / name
     try:

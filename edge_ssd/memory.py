@@ -26,6 +26,18 @@ def peak_rss_bytes() -> int:
         return psutil.Process().memory_info().rss
 
 
+def release_free_heap() -> None:
+    """Hand back to the system the heap memory that loading left free (ONNX Runtime's buffers
+    from reading and prepacking the weights): measured 95 MB less resident for the default
+    pair. glibc only; elsewhere nothing to do."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

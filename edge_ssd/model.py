@@ -24,6 +24,7 @@ import onnxruntime as ort
 
 from .bundle import ModelEntry
 from .errors import BundleError, RequestError
+from .hugepages import keep_small_pages
 from .providers import DEVICE_OF, PROVIDERS
 
 
@@ -95,7 +96,10 @@ class OnnxLM:
         for i in range(e.num_layers):
             for kind in ("key", "value"):
                 names.append((e.io["inputs"][f"past_{kind}"].format(i=i), e.io["outputs"][f"present_{kind}"].format(i=i)))
-                self.kv.append(ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, 0))
+                buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, 0)
+                if self.device == "cpu":
+                    keep_small_pages(buf.data_ptr(), self.slots * self.slot_bytes)
+                self.kv.append(buf)
         self._kv_names = names
         self._bound: Optional[tuple] = None
         self.lengths = [0] * self.slots

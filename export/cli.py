@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the draft's LM head to the first N token ids (cheaper draft step; lossless)")
     ap.add_argument("--block-size", type=int, default=None,
                     help="int4/int8 quantization block, 16..256 (default: the pair's recommendation, else 32)")
+    ap.add_argument("--lm-head-block-size", type=int, default=None,
+                    help="the LM heads' own int4/int8 block (default: the pair's recommendation, else "
+                         "--block-size)")
     ap.add_argument("--accuracy-level", type=int, default=None,
                     help="MatMulNBits compute: 4 = int8 activations (fast on CPU), 0/1 = fp32 "
                          "(default 4; 0 for Gemma, whose activations int8 rounding does not keep)")
@@ -75,8 +78,10 @@ def _quant(args, which: Optional[str], rec: dict, role: str) -> QuantConfig:
     block = _given(args.block_size, rec.get(f"{role}_block_size", rec.get("block_size", 32)))
     level = _given(args.accuracy_level, rec.get("accuracy_level"))  # None: the family's default
     vocab = _given(args.draft_vocab, rec.get("draft_vocab")) if role == "draft" else None
+    head_block = _given(args.lm_head_block_size, rec.get(f"{role}_lm_head_block_size"))
     return QuantConfig(weights=which or args.quant, block_size=block, accuracy_level=level,
-                       lm_head=args.lm_head_quant, vocab_limit=vocab, keep_source_quant=args.gguf_weights == "keep")
+                       lm_head=args.lm_head_quant, lm_head_block_size=head_block, vocab_limit=vocab,
+                       keep_source_quant=args.gguf_weights == "keep")
 
 
 def _plan(args) -> ExportPlan:

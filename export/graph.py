@@ -56,6 +56,10 @@ class QuantConfig:
     # default (Arch.default_accuracy_level), resolved by the pipeline once the source is read.
     accuracy_level: Optional[int] = None
     lm_head: Optional[str] = None
+    # The LM head's own int4/int8 block (None: block_size). On the 0.5B draft the head is 28% of
+    # the weight bytes and block 32 costs ~1.8x block 128 per step (one row, AVX-512), while
+    # the head's coarser blocks cost less agreement than the layers' (docs/benchmarks.md).
+    lm_head_block_size: Optional[int] = None
     # Keep only the first N rows of the LM head (a draft's logits over the N lowest token ids:
     # for byte-level BPE the earliest, most frequent merges). The target still verifies over
     # the full vocabulary, so this stays lossless; the draft just cannot propose rarer tokens.
@@ -72,8 +76,9 @@ class QuantConfig:
         for q in (self.weights, self.lm_head or self.weights):
             if q not in WEIGHT_QUANTS:
                 raise UnsupportedModelError(f"unknown quantization {q!r} (choose from {', '.join(WEIGHT_QUANTS)})")
-        if self.block_size not in (16, 32, 64, 128, 256):
-            raise UnsupportedModelError(f"block size must be 16, 32, 64, 128 or 256, not {self.block_size}")
+        for block in (self.block_size, self.lm_head_block_size or self.block_size):
+            if block not in (16, 32, 64, 128, 256):
+                raise UnsupportedModelError(f"block size must be 16, 32, 64, 128 or 256, not {block}")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise UnsupportedModelError(f"accuracy level must be 0..4, not {self.accuracy_level}")
         if self.vocab_limit is not None and self.vocab_limit < 256:
@@ -87,6 +92,7 @@ class QuantConfig:
     def to_json(self) -> dict:
         d = asdict(self)
         d["lm_head"] = self.lm_head or self.weights
+        d["lm_head_block_size"] = self.lm_head_block_size or self.block_size
         d["act_dtype"] = self.act_dtype
         return d
 
@@ -248,22 +254,25 @@ class _Decoder:
         the reference tap (reference.py) computes the export's fp32 reference from them."""
         return self.weight(hf_name), self.blocks(hf_name)
 
-    def encoding(self, blocks: Optional[Blocks], q: str) -> Encoding:
+    def encoding(self, blocks: Optional[Blocks], q: str, block: Optional[int] = None) -> Encoding:
         """How to store rows configured as q: the GGUF's own encoding where one keeps it (for
-        integer quants only: a float graph asked for floats), else q at the configured block."""
+        integer quants only: a float graph asked for floats), else q at `block` (default: the
+        configured block size)."""
         kept = kept_encoding(blocks.qtype) if blocks is not None and self.quant.keep_source_quant \
             and q in ("int4", "int8") else None
         if kept == Q4K:
             return Q4K, Q4K_SUB_BLOCK
         if kept == INT8:
             return INT8, int8_block(blocks.qtype)
-        return q, self.quant.block_size if q in ("int4", "int8") else None
+        return q, (block or self.quant.block_size) if q in ("int4", "int8") else None
 
-    def linear(self, x: str, parts: list, name: str, q: str, bias: Optional[np.ndarray] = None) -> str:
+    def linear(self, x: str, parts: list, name: str, q: str, bias: Optional[np.ndarray] = None,
+               block: Optional[int] = None) -> str:
         """y = x W^T (+ bias), W the rows of `parts` stacked (q, k, v; gate, up). Consecutive parts
         with one encoding are packed into one node; several runs (a Q6_K v beside Q4_K q and k)
         are concatenated."""
-        runs = [(enc, list(group)) for enc, group in itertools.groupby(parts, lambda p: self.encoding(p[1], q))]
+        runs = [(enc, list(group)) for enc, group in
+                itertools.groupby(parts, lambda p: self.encoding(p[1], q, block))]
         ys = [self.encoded(x, group, name if len(runs) == 1 else f"{name}.{j}", enc)
               for j, (enc, group) in enumerate(runs)]
         (y,) = ys if len(ys) == 1 else self.g.op("Concat", ys, axis=-1)
@@ -456,7 +465,8 @@ class _Decoder:
         width = logits_width(a, quant)
         lm_w, blocks = self.part("lm_head.weight") if tied is None else (tied, self.blocks("model.embed_tokens.weight"))
         kept = None if blocks is None else Blocks(blocks.qtype, blocks.rows[:width])
-        logits = self.linear(x, [(lm_w[:width], kept)], "lm_head", quant.lm_head or quant.weights)
+        logits = self.linear(x, [(lm_w[:width], kept)], "lm_head", quant.lm_head or quant.weights,
+                             block=quant.lm_head_block_size)
         del lm_w
         if self.act != np.float32:
             (logits,) = g.op("Cast", [logits], to=TensorProto.FLOAT)

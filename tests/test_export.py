@@ -165,3 +165,28 @@ def test_lm_head_kept_at_other_precision(tiny_sources, tmp_path, weights, head):
         assert err[head] < err[None]
     else:
         assert err[head] > err[None]
+
+
+def test_lm_head_block_size_applies_to_the_head_only(tiny_sources, tmp_path):
+    """The head's own block: its MatMulNBits node carries it, the layers keep theirs, the
+    manifest says so, and a finer head block brings the logits closer to fp32."""
+    import onnx
+
+    from edge_ssd_export.graph import QuantConfig
+    from edge_ssd_export.pipeline import ExportPlan, ModelPlan, export_pair
+
+    ids = list(range(5, 30))
+    ref = hf_logits(tiny_sources["target"], ids)
+    err = {}
+    for head_block in (16, None):
+        q = QuantConfig(weights="int4", block_size=64, accuracy_level=4, lm_head_block_size=head_block)
+        b = export_pair(ExportPlan(target=ModelPlan("target", str(tiny_sources["target"]), q), draft=None,
+                                   out=tmp_path / f"b-{head_block}", cache=tmp_path / ".cache"))
+        assert b.target.quant["lm_head_block_size"] == (head_block or 64)
+        graph = onnx.load(str(b.target.graph), load_external_data=False).graph
+        blocks = {n.name: next(a.i for a in n.attribute if a.name == "block_size")
+                  for n in graph.node if n.op_type == "MatMulNBits"}
+        assert blocks.pop("lm_head") == (head_block or 64)
+        assert set(blocks.values()) == {64}
+        err[head_block] = float(np.abs(OnnxLM(b.target, threads=1).forward(ids, keep=len(ids)) - ref).mean())
+    assert err[16] < err[None]

@@ -33,6 +33,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edge_ssd.bench import cpu_clock, read_prompts  # noqa: E402
+from edge_ssd.hugepages import reexec_with_hugepages  # noqa: E402
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent.parent / "shared" / "bench" / "spec_bench_questions.jsonl"
 
@@ -203,4 +204,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    reexec_with_hugepages()  # measure what the edge-ssd command runs (edge_ssd/hugepages.py)
     sys.exit(main())

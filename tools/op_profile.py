@@ -28,6 +28,7 @@ import onnx
 import edge_ssd.model as model_mod
 from edge_ssd.bench import cpu_clock, others_cpu_share
 from edge_ssd.bundle import ModelEntry, load_bundle
+from edge_ssd.hugepages import reexec_with_hugepages
 from edge_ssd.model import OnnxLM
 
 STATS = {"median": np.median, "min": np.min}   # min over runs: the uncontended cost on a shared machine
@@ -179,4 +180,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_hugepages()  # measure what the edge-ssd command runs (edge_ssd/hugepages.py)
     main()

@@ -38,6 +38,7 @@ from edge_ssd.api import Engine
 from edge_ssd.bench import fresh_generate, print_table, read_prompts, summarize
 from edge_ssd.decode import DecodeConfig, decode
 from edge_ssd.drafters import ModelDrafter
+from edge_ssd.hugepages import reexec_with_hugepages
 from edge_ssd.memory import peak_rss_bytes
 from edge_ssd.parallel import ParallelDrafter
 from edge_ssd.progress import Bar
@@ -220,4 +221,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    reexec_with_hugepages()  # measure what the edge-ssd command runs (edge_ssd/hugepages.py)
     raise SystemExit(main())

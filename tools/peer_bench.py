@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -40,6 +39,8 @@ from typing import Optional
 from edge_ssd.bench import (cpu_clock, fresh_generate, mode_request, others_cpu_share, parse_mode,
                             print_category_tables, read_prompts, summarize)
 from edge_ssd.errors import EdgeSSDError
+from edge_ssd.hugepages import reexec_with_hugepages
+from edge_ssd.machine import describe
 from edge_ssd.progress import peak_rss_bytes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -220,24 +221,6 @@ def mode_names(args) -> list:
     return edge + peers
 
 
-def machine() -> dict:
-    """What produced the figures: CPU model and SIMD, cores, versions."""
-    flags, model = set(), platform.processor()
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        model = re.search(r"model name\s*:\s*(.*)", info).group(1)
-        model += " (family {}, model {})".format(re.search(r"cpu family\s*:\s*(\d+)", info).group(1),
-                                                 re.search(r"\nmodel\s*:\s*(\d+)", info).group(1))
-        flags = set(re.search(r"flags\s*:\s*(.*)", info).group(1).split())
-    except (OSError, AttributeError):
-        pass
-    import onnxruntime
-
-    return {"cpu": model, "cores": os.cpu_count(), "simd": sorted(flags & {"avx2", "avx512f", "avx512_vnni",
-            "avx512_bf16", "avx_vnni", "amx_int8"}), "onnxruntime": onnxruntime.__version__,
-            "python": platform.python_version()}
-
-
 def peer_version(bin_dir: Path) -> str:
     """The binary's own version line (a source build says little) and the sdist it came from."""
     rc, text, _ = run_measured([str(bin_dir / "llama-completion"), "--version"], timeout=60)
@@ -282,7 +265,7 @@ def run(args, log) -> dict:
     table = summarize(results, names, per_prompt=True, best_of=peers,
                       groups={"code": set(args.code_categories.split(","))})
     return {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "wall_s": round(time.time() - t0, 1), "machine": machine(),
+            "wall_s": round(time.time() - t0, 1), "machine": describe(),
             "others_cpu_share": others_cpu_share(cpu0, cpu_clock()),
             "llama_cpp": peer_version(args.llama_bin) if peers else None,
             "bundle": str(args.bundle), "target_gguf": str(args.target_gguf), "draft_gguf": str(args.draft_gguf),
@@ -347,4 +330,5 @@ def main(argv: Optional[list] = None) -> int:
 
 
 if __name__ == "__main__":
+    reexec_with_hugepages()  # measure what the edge-ssd command runs (edge_ssd/hugepages.py)
     raise SystemExit(main())

@@ -11,8 +11,8 @@ mode, where a hit in the speculation cache hides the next round's drafting.
 That single rule is both the adaptive K and the confidence stop. With several requests in a
 batch, verify(j + 1) is replaced by what the round costs the whole batch (`batch_cost`). When even the best K at the
 recent per-token acceptance is not expected to beat a plain step, the round drafts nothing
-(K = 0: a plain target step), with an occasional probe so the estimates can recover when the
-text becomes predictable again.
+(K = 0: a plain target step), with an occasional probe (rarer while probes keep failing) so the
+estimates can recover when the text becomes predictable again.
 """
 from __future__ import annotations
 
@@ -26,7 +26,11 @@ from .costs import StepCosts
 BUCKETS = 10
 PRIOR = 4.0          # pseudo-observations per bucket, centred on the bucket's confidence
 DECAY = 0.98         # older rounds weigh less: acceptance drifts with the text
-PROBE_EVERY = 8      # after this many plain rounds, draft one round anyway
+PROBE_EVERY = 8      # after this many plain rounds, draft one round anyway ...
+PROBE_MAX = 64       # ... and twice as long after each probe that leaves the model unpaid: a probe
+                     # pays the draft's catch-up on every token since its last round (30-50 ms on
+                     # the 2-core AVX-512 machine, against ≈ 18 ms it earns at acceptance 0.6),
+                     # which cost short low-acceptance answers 10-30% (docs/benchmarks.md)
 TOKEN_RATE_PRIOR = (1.2, 2.0)  # per-token acceptance 0.6 (two tokens' worth) before any round
 CARRY_TOKENS = 8.0   # a request hands the next one at most this many tokens' worth of evidence
 
@@ -133,6 +137,7 @@ class SpecPolicy:
     def __post_init__(self) -> None:
         self.acceptance = AcceptanceModel()
         self._plain_streak = 0
+        self._probe_every = PROBE_EVERY
         if self.fixed_k is None and self.costs is None:
             raise ValueError("auto K needs step costs")
 
@@ -155,10 +160,15 @@ class SpecPolicy:
         alone, once every PROBE_EVERY declined rounds anyway, so the estimate can recover. In a
         batch a probe would hold every other request back for its drafting and verification:
         the estimate recovers once the request is alone again."""
-        return self.model_pays_estimate() or (self._plain_streak >= PROBE_EVERY and self.active == 1)
+        return self.model_pays_estimate() or (self._plain_streak >= self._probe_every and self.active == 1)
 
     def note_model_round(self, ran: bool) -> None:
-        """The draft model ran this round (the probe count restarts) or was declined."""
+        """The draft model ran this round (the probe count restarts) or was declined. A round
+        that ran without the estimate's backing was a probe: the next one waits twice as long
+        (up to PROBE_MAX); a round the estimate backs restores the short wait."""
+        if ran:
+            paid = self.model_pays_estimate()
+            self._probe_every = PROBE_EVERY if paid else min(2 * self._probe_every, PROBE_MAX)
         self._plain_streak = 0 if ran else self._plain_streak + 1
 
     def model_pays_estimate(self) -> bool:

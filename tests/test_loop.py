@@ -174,6 +174,29 @@ def test_policy_probes_after_declined_rounds():
     assert not pol.model_round_pays()
 
 
+def _plain_rounds_before_a_probe(pol: SpecPolicy) -> int:
+    n = 0
+    while not pol.model_round_pays():
+        pol.note_model_round(ran=False)
+        n += 1
+    pol.note_model_round(ran=True)
+    return n
+
+
+def test_probes_back_off_while_the_model_does_not_pay_and_recover_when_it_does():
+    from edge_ssd.policy import PROBE_EVERY, PROBE_MAX
+
+    pol = SpecPolicy(costs(draft=0.05), None, 0, 8)
+    pol.rate = DecayedRate(0.0, 10.0)
+    waits = [_plain_rounds_before_a_probe(pol) for _ in range(6)]
+    assert waits == [min(PROBE_EVERY << i, PROBE_MAX) for i in range(6)] and waits[-1] == PROBE_MAX
+    pol.costs, pol.rate = costs(), DecayedRate(9.5, 10.0)   # a cheap draft, mostly right: it pays
+    assert pol.model_round_pays()
+    pol.note_model_round(ran=True)        # a round the estimate backed: the short wait is back
+    pol.costs, pol.rate = costs(draft=0.05), DecayedRate(0.0, 10.0)
+    assert _plain_rounds_before_a_probe(pol) == PROBE_EVERY
+
+
 # -- model-free drafting: predictions and the suffix cache ------------------------------------
 from edge_ssd.lookup import KEY, PredictionDrafter, SuffixCacheDrafter, TokenStore  # noqa: E402
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from .request import DEFAULTS, Request
 from .server.cli import add_serve_parser
 
 log = logging.getLogger("edge_ssd")
+STDIN = Path("-")  # --input -: a service pipes its requests in, a line each
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt")
     src.add_argument("--messages", type=Path, help="JSON file: a list of {role, content}")
-    src.add_argument("--input", type=Path, help="JSONL batch: one request object a line")
+    src.add_argument("--input", type=Path,
+                     help="JSONL batch: one request object a line ('-': standard input, each line "
+                          "answered as it arrives)")
     g.add_argument("--output", type=Path, help="JSONL results for --input (default: stdout)")
     g.add_argument("--batch-size", type=positive_int, default=1,
                    help="--input lines decoded together (batched forwards); results stay in input order")
@@ -89,10 +93,10 @@ def cmd_generate(args) -> int:
     if args.output and not args.input:
         raise EdgeSSDError("--output is for --input batches; a single request prints to stdout")
     if args.input:
-        if not args.input.is_file():
+        if args.input != STDIN and (not args.input.exists() or args.input.is_dir()):
             raise EdgeSSDError(f"cannot read {args.input}: no such file")
         if args.output:
-            check_output(args.output, [args.input])
+            check_output(args.output, [args.input] if args.input != STDIN else [])
         return _batch(engine_from_args(args, slots=args.batch_size), base, args)
     if args.batch_size != 1:
         raise EdgeSSDError("--batch-size is for --input batches")
@@ -191,7 +195,7 @@ def _batch(engine, base: Request, args) -> int:
         out.flush()
 
     def lines():
-        with open(args.input, "rb") as f:
+        with open(args.input, "rb") if args.input != STDIN else contextlib.nullcontext(sys.stdin.buffer) as f:
             yield from ((n, raw) for n, raw in enumerate(f, 1) if raw.strip())
 
     def run(out: IO[str]) -> None:

@@ -72,6 +72,17 @@ def test_batch_jsonl_bad_line_gets_error_record(fp32_bundle, tmp_path):
     assert "temperature" in recs[3]["error"]
 
 
+def test_batch_from_standard_input(fp32_bundle, tmp_path):
+    """--input -: requests piped in, one record a line on stdout, a bad line one error record."""
+    lines = [json.dumps({"id": "a", "prompt": "def add", "max_new_tokens": 4}), "{not json",
+             json.dumps({"id": "c", "prompt": "def sub", "max_new_tokens": 3})]
+    p = cli("generate", "--bundle", fp32_bundle.path, "--input", "-", "--raw", stdin="\n".join(lines) + "\n",
+            check_rc=0)
+    recs = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [r["id"] for r in recs] == ["a", 2, "c"] and "error" in recs[1]
+    assert [r["stats"]["new_tokens"] for r in (recs[0], recs[2])] == [4, 3]
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--prompt", ""], "prompt is empty"),
     (["--prompt", "x", "--temperature", "-1"], "temperature"),

@@ -84,6 +84,12 @@ class QuantConfig:
         if self.vocab_limit is not None and self.vocab_limit < 256:
             raise UnsupportedModelError(f"vocabulary limit must be at least 256, not {self.vocab_limit}")
 
+    def for_arch(self, arch: Arch) -> "QuantConfig":
+        """This config with the family's accuracy level where none was given."""
+        if self.accuracy_level is not None:
+            return self
+        return dataclasses.replace(self, accuracy_level=arch.default_accuracy_level)
+
     @property
     def act_dtype(self) -> str:
         """Activation / KV dtype: fp16 graphs compute in fp16 (CUDA, DirectML); the rest in fp32."""
@@ -512,8 +518,7 @@ def build_decoder(
     blocks(name), for a GGUF source, returns a tensor's stored blocks, whose encoding the graph
     keeps where quant.keep_source_quant says so (gguf_quant.py).
     """
-    if quant.accuracy_level is None:
-        quant = dataclasses.replace(quant, accuracy_level=arch.default_accuracy_level)
+    quant = quant.for_arch(arch)
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = TensorWriter(out_dir / "model.onnx.data")
     max_pos = min(arch.max_position_embeddings, max_context or arch.max_position_embeddings)

@@ -203,9 +203,7 @@ def effective_quant(quant: QuantConfig, hf_dir: Path, arch: Arch) -> QuantConfig
     level not given is the family's default."""
     if quant.keep_source_quant and pointed_gguf(hf_dir) is None:
         quant = dataclasses.replace(quant, keep_source_quant=False)
-    if quant.accuracy_level is None:
-        quant = dataclasses.replace(quant, accuracy_level=arch.default_accuracy_level)
-    return quant
+    return quant.for_arch(arch)
 
 
 def _read_by(plan: ExportPlan) -> dict:

@@ -43,6 +43,7 @@ from edge_ssd.bench import read_prompts  # noqa: E402
 from edge_ssd.bundle import load_bundle  # noqa: E402
 from edge_ssd.model import OnnxLM  # noqa: E402
 from edge_ssd.text import Tokenizer  # noqa: E402
+from edge_ssd_export.validate import kl_divergence, teacher_forced_logits  # noqa: E402
 from peer_bench import default_bin_dir, prompt_file_text  # noqa: E402
 
 _VERBOSE_TOKEN = re.compile(r"^\S+ I +(\d+) -> '", re.M)  # llama-completion --verbose-prompt lines
@@ -97,13 +98,6 @@ def edge_greedy(lm: OnnxLM, prompt: list, n: int) -> list:
     return out
 
 
-def edge_logits(lm: OnnxLM, ids: list) -> np.ndarray:
-    lm.reset()
-    out = lm.forward(ids, keep=len(ids)).copy()
-    lm.reset()
-    return out
-
-
 def fp32_model(gguf: Path):
     """The GGUF dequantized to fp32 by transformers (an independent reader of the same file)."""
     import torch
@@ -120,11 +114,6 @@ def fp32_model(gguf: Path):
     return logits
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 def common_prefix(a: list, b: list) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
@@ -138,11 +127,10 @@ def compare_prompt(question: str, args, tok: Tokenizer, lm: OnnxLM, fp32, workdi
     cont = tok.encode(text, bos=False)
     seq = prompt + cont
     start = len(prompt) - 1  # logits row predicting the first continuation token
-    edge = edge_logits(lm, seq)[start:len(seq) - 1]
+    edge = teacher_forced_logits(lm, seq)[start:len(seq) - 1]
     ref = fp32(seq)[start:len(seq) - 1]
     e_arg, r_arg, nxt = edge.argmax(-1), ref.argmax(-1), np.asarray(cont)
-    lp_ref, lp_edge = log_softmax(ref.astype(np.float64)), log_softmax(edge.astype(np.float64))
-    kl = float((np.exp(lp_ref) * (lp_ref - lp_edge)).sum(-1).mean())
+    kl = float(kl_divergence(ref, edge).mean())
     greedy = edge_greedy(lm, prompt, args.n)
     return {
         "prompt_tokens": len(prompt), "prompt_ids_equal": tok.encode(question) == prompt,

@@ -93,10 +93,12 @@ def cmd_generate(args) -> int:
     if args.output and not args.input:
         raise EdgeSSDError("--output is for --input batches; a single request prints to stdout")
     if args.input:
-        if args.input != STDIN and (not args.input.exists() or args.input.is_dir()):
+        if args.input != STDIN and not args.input.exists():
             raise EdgeSSDError(f"cannot read {args.input}: no such file")
-        if args.output:
-            check_output(args.output, [args.input] if args.input != STDIN else [])
+        if args.input.is_dir():
+            raise EdgeSSDError(f"cannot read {args.input}: a folder, not a JSONL file")
+        if args.output:  # standard input may be a file too (`< in.jsonl`): never replaced by its results
+            check_output(args.output, [args.input if args.input != STDIN else Path("/dev/stdin")])
         return _batch(engine_from_args(args, slots=args.batch_size), base, args)
     if args.batch_size != 1:
         raise EdgeSSDError("--batch-size is for --input batches")

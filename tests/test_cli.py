@@ -83,6 +83,19 @@ def test_batch_from_standard_input(fp32_bundle, tmp_path):
     assert [r["stats"]["new_tokens"] for r in (recs[0], recs[2])] == [4, 3]
 
 
+def test_batch_results_never_replace_the_file_on_standard_input(fp32_bundle, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"prompt": "def add", "max_new_tokens": 2}) + "\n")
+    with open(inp) as f:
+        p = subprocess.run([sys.executable, "-m", "edge_ssd.cli", "generate", "--bundle", str(fp32_bundle.path),
+                            "--input", "-", "--output", str(inp)], stdin=f, capture_output=True, text=True,
+                           timeout=300)
+    assert p.returncode == 1 and "is the input file" in p.stderr and "Traceback" not in p.stderr
+    assert json.loads(inp.read_text()) == {"prompt": "def add", "max_new_tokens": 2}
+    p = cli("generate", "--bundle", fp32_bundle.path, "--input", tmp_path, check_rc=1)
+    assert "a folder" in p.stderr
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--prompt", ""], "prompt is empty"),
     (["--prompt", "x", "--temperature", "-1"], "temperature"),

@@ -265,11 +265,11 @@ def export_pair(plan: ExportPlan) -> Bundle:
 
 def _write_bundle(tmp: Path, plan: ExportPlan, hf: dict, arch: dict, name: str, t_start: float) -> None:
     """Graphs, tokenizer and (last) pair.json into the partial folder."""
-    tok_file = ensure_tokenizer_json(hf["target"])
+    tok_file = ensure_tokenizer_json(hf["target"], plan.cache)
     if plan.draft:
         with stage("check draft/target tokenizers"):
-            check_tokenizers(ensure_tokenizer_json(hf["draft"]), tok_file)
-    meta = tokenizer_meta(hf["target"])
+            check_tokenizers(ensure_tokenizer_json(hf["draft"], plan.cache), tok_file)
+    meta = tokenizer_meta(hf["target"], tok_file)
     prompts = _encoder(tok_file)
     manifest_models, built = {}, {}
     for m in plan.models:

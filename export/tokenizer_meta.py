@@ -1,7 +1,9 @@
 """Collect what the runtime needs to know about a tokenizer from a Hugging Face folder."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 from .sources import SourceError
@@ -22,19 +24,30 @@ def load_tokenizer(path: Path):
         raise SourceError(f"{path}: not a usable tokenizer file ({e})") from e
 
 
-def ensure_tokenizer_json(hf_dir: Path) -> Path:
-    """Return hf_dir/tokenizer.json, producing it from a slow tokenizer with transformers if needed."""
+def ensure_tokenizer_json(hf_dir: Path, cache: Path) -> Path:
+    """hf_dir/tokenizer.json, or one built from its slow tokenizer with transformers into the
+    export cache: the source folder is the user's, so nothing is written there. The cache entry
+    is keyed by the folder and its tokenizer files' sizes and times, so an edited source is
+    built again."""
     tj = hf_dir / "tokenizer.json"
     if tj.exists():
         return tj
+    stamp = [str(hf_dir.resolve())] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                                      for f in sorted(hf_dir.glob("*")) if f.is_file() and "token" in f.name]
+    out = cache / "tokenizers" / hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:16] / "tokenizer.json"
+    if out.exists():
+        return out
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(str(hf_dir), use_fast=True)
     except Exception as e:  # transformers raises many types for a missing or unreadable tokenizer
         raise SourceError(f"{hf_dir}: no tokenizer.json, and transformers could not build one ({e})") from e
-    tok.backend_tokenizer.save(str(tj))
-    return tj
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial")
+    tok.backend_tokenizer.save(str(partial))
+    os.replace(partial, out)  # a reader never sees half a file
+    return out
 
 
 def _token_ids(value) -> list:
@@ -47,9 +60,10 @@ def _token_text(value):
     return value.get("content") if isinstance(value, dict) else value
 
 
-def tokenizer_meta(hf_dir: Path) -> dict:
-    """EOS ids, BOS, special tokens and chat template for the manifest."""
-    tok = load_tokenizer(ensure_tokenizer_json(hf_dir))
+def tokenizer_meta(hf_dir: Path, tokenizer_file: Path) -> dict:
+    """EOS ids, BOS, special tokens and chat template for the manifest; tokenizer_file is the
+    folder's tokenizer.json or the one ensure_tokenizer_json built for it."""
+    tok = load_tokenizer(tokenizer_file)
     cfg = read_json(hf_dir / "tokenizer_config.json")
     gen = read_json(hf_dir / "generation_config.json")
     model_cfg = read_json(hf_dir / "config.json")

@@ -327,3 +327,24 @@ def test_a_registry_pair_checks_the_out_before_downloading(tmp_path, capsys, mon
                                "--cache", str(tmp_path / "cache")])
     assert "is not empty and is not a bundle" in line
     assert (user / "report.txt").read_text() == "draft"
+
+
+def test_a_source_without_tokenizer_json_is_left_as_it_was(source, cache, tmp_path, capsys):
+    """A folder with only a slow tokenizer (vocab.json + merges.txt): export builds the fast
+    one in its cache, the bundle encodes like the original, and the source gains no file."""
+    from tokenizers import Tokenizer
+
+    original = Tokenizer.from_file(str(source / "tokenizer.json"))
+    original.model.save(str(source))  # vocab.json, merges.txt
+    (source / "tokenizer.json").unlink()
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    (source / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "GPT2Tokenizer"}))
+    before = snapshot(source)
+    out = tmp_path / "bundle"
+    assert main(export_argv(source, out, cache)) == 0, capsys.readouterr().err
+    assert snapshot(source) == before
+    built = Tokenizer.from_file(str(out / "tokenizer.json"))
+    text = "Speculative decoding proposes tokens with a small model."
+    assert built.encode(text).ids == original.encode(text).ids
+    assert main(export_argv(source, tmp_path / "again", cache)) == 0  # the cached one is reused
+    assert snapshot(source) == before

@@ -106,7 +106,7 @@ def test_gguf_tokenizer_encodes_like_the_source(ggufs, tmp_path, key):
     ours, theirs = load_tokenizer(light / "tokenizer.json"), load_tokenizer(hf / "tokenizer.json")
     assert tokenizer_disagreements(ours, theirs, TRICKY) == []
     assert ours.get_vocab(with_added_tokens=True) == theirs.get_vocab(with_added_tokens=True)
-    meta, ref = tokenizer_meta(light), tokenizer_meta(hf)
+    meta, ref = tokenizer_meta(light, light / "tokenizer.json"), tokenizer_meta(hf, hf / "tokenizer.json")
     for k in ("eos_ids", "special_tokens", "chat_template", "add_bos", "vocab_size"):
         assert meta[k] == ref[k], k
 

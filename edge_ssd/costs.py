@@ -17,9 +17,10 @@ from typing import Optional
 
 import numpy as np
 
-from .model import OnnxLM
+from .model import SHARED_PREFILL_CHUNK, OnnxLM
 
 CAL_ROWS = (1, 2, 3, 5, 9)
+CATCHUP_TOKENS = SHARED_PREFILL_CHUNK  # the longest catch-up the draft is fed in one forward
 EMA = 0.1
 
 
@@ -27,6 +28,12 @@ EMA = 0.1
 class StepCosts:
     draft_step: float                 # seconds per one-token draft forward
     verify: dict = field(default_factory=dict)  # rows -> seconds per target forward
+    catchup_token: float = 0.0        # seconds per token past the first when the draft is fed several at once
+
+    def catchup(self, tokens: int) -> float:
+        """Seconds to feed the draft `tokens` it missed (plain or lookup rounds) in one forward:
+        what a model round after a pause pays before it drafts."""
+        return self.draft_step + max(0, tokens - 1) * self.catchup_token
 
     def verify_rows(self, rows: int) -> float:
         """Target forward time for `rows` rows, interpolated linearly between measured points."""
@@ -49,8 +56,14 @@ class StepCosts:
     def observe_draft(self, seconds: float) -> None:
         self.draft_step = _ema(self.draft_step, seconds) if self.draft_step > 0 else seconds
 
+    def observe_catchup(self, tokens: int, seconds: float) -> None:
+        """A catch-up of `tokens` took `seconds`: what each token past the first cost."""
+        per = max(0.0, seconds - self.draft_step) / max(1, tokens - 1)
+        self.catchup_token = _ema(self.catchup_token, per) if self.catchup_token > 0 else per
+
     def to_json(self) -> dict:
-        return {"draft_step_s": self.draft_step, "verify_s": {str(k): v for k, v in sorted(self.verify.items())}}
+        return {"draft_step_s": self.draft_step, "verify_s": {str(k): v for k, v in sorted(self.verify.items())},
+                "catchup_token_s": self.catchup_token}
 
 
 def _ema(old: float, new: float) -> float:
@@ -58,20 +71,21 @@ def _ema(old: float, new: float) -> float:
     return (1 - EMA) * old + EMA * min(max(new, 0.5 * old), 2.0 * old)
 
 
-def _median_time(lm: OnnxLM, ids: list, reps: int) -> float:
+def _median_time(lm: OnnxLM, ids: list, reps: int, keep: Optional[int] = None) -> float:
     base = lm.length
     ts = []
     for _ in range(reps):
         lm.truncate(base)
         t0 = time.perf_counter()
-        lm.forward(ids, keep=len(ids))
+        lm.forward(ids, keep=keep or len(ids))
         ts.append(time.perf_counter() - t0)
     lm.truncate(base)
     return float(np.median(ts))
 
 
 def calibrate(target: OnnxLM, draft: Optional[OnnxLM], context: int = 128, reps: int = 5) -> StepCosts:
-    """Time verify(r) for r in CAL_ROWS and one draft step on a `context`-token past."""
+    """Time verify(r) for r in CAL_ROWS, one draft step on a `context`-token past, and the
+    draft's catch-up (`context` tokens fed at once)."""
     ids = (np.arange(context) % 1000 + 100).tolist()
     costs = StepCosts(draft_step=0.0)
     target.reset()
@@ -86,6 +100,8 @@ def calibrate(target: OnnxLM, draft: Optional[OnnxLM], context: int = 128, reps:
         _median_time(draft, ids[:1], 2)
         costs.draft_step = _median_time(draft, ids[:1], reps * 2)
         draft.reset()
+        costs.observe_catchup(CATCHUP_TOKENS, _median_time(draft, ids[:CATCHUP_TOKENS], 2, keep=1))
+        draft.reset()
     return costs
 
 
@@ -97,7 +113,8 @@ def cached_calibration(key: dict, target: OnnxLM, draft: Optional[OnnxLM], cache
     try:
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
-            return StepCosts(saved["draft_step_s"], {int(k): v for k, v in saved["verify_s"].items()})
+            return StepCosts(saved["draft_step_s"], {int(k): v for k, v in saved["verify_s"].items()},
+                             saved["catchup_token_s"])
     except (OSError, ValueError, KeyError):
         pass
     costs = calibrate(target, draft)

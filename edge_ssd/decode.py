@@ -57,7 +57,7 @@ def _draft_round(policy: SpecPolicy, drafter: Drafter, room: int, governor: Opti
     policy.active = active
     cap = governor.k_cap if governor is not None else None
     return DraftRound(room=room, k_limit=min(policy.k_limit, cap or policy.k_limit), sampling=sp, rng=rng,
-                      model_pays=policy.model_round_pays(), keep_drafting=policy.keep_drafting,
+                      model_pays=policy.model_round_pays(room), keep_drafting=policy.keep_drafting,
                       verify_cost=policy.cost if policy.costs is not None else None,
                       accept_prob=policy.acceptance.prob, token_rate=policy.rate.value,
                       fanout_cap=governor.fanout_cap if governor is not None else None)
@@ -110,6 +110,8 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
     policy = SpecPolicy(costs, cfg.k, cfg.k_min, cfg.k_max) if drafter is not None else None
     if policy is not None and learned:
         policy.load(learned)
+    if policy is not None and target.active > 1:
+        policy.behind = len(prompt)  # in a batch the draft skips its prefill (ModelDrafter.start)
     t_start = time.perf_counter()
     stats.prompt_tokens = len(prompt)
     target.reset()
@@ -160,6 +162,8 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
             stats.verify_s += dt
             if costs_seen is not None and target.active == 1:  # a batched step is not verify(k+1) alone
                 costs_seen.observe_verify(k + 1, dt)
+            if policy is not None:
+                policy.advance(n + 1, by_model=bool(k) and prop.source == DraftSource.MODEL)
             if k:
                 target.truncate(len(seq) + n)
                 drafter.commit(len(seq) + n)
@@ -194,9 +198,11 @@ def _govern(governor: Optional[Governor], policy: Optional[SpecPolicy], drafter:
 
 
 def _learn_from_drafting(prop: Proposal, policy: Optional[SpecPolicy], costs: Optional[StepCosts]) -> None:
-    """What a proposal tells the estimates: whether the draft model ran, and its step times."""
+    """What a proposal tells the estimates: whether the draft model ran, its step and catch-up times."""
     if prop.source == DraftSource.MODEL:
         policy.note_model_round(ran=bool(prop.tokens))
     if costs is not None:
         for s in prop.step_s:
             costs.observe_draft(s)
+        if prop.catchup:
+            costs.observe_catchup(*prop.catchup)

@@ -38,6 +38,7 @@ class Proposal:
     source: DraftSource = DraftSource.MODEL
     rows: Optional[np.ndarray] = None  # the draft's logits at each proposed position, if kept
     step_s: list = field(default_factory=list)  # seconds of each one-token draft forward (the cost model's)
+    catchup: tuple = ()  # (tokens, seconds) of the forward that fed the draft what it missed, if several
 
 
 def _always(confs: Sequence[float]) -> bool:
@@ -154,7 +155,8 @@ class ModelDrafter(Drafter):
         for logits in prefill(self.lm, missing, SHARED_PREFILL_CHUNK):
             pass
         logits = logits[0]
-        step_s = [time.perf_counter() - t0] if len(missing) == 1 else []  # a catch-up is no draft step
+        fed = time.perf_counter() - t0
+        step_s, catchup = ([fed], ()) if len(missing) == 1 else ([], (len(missing), fed))  # a catch-up is no draft step
         tokens, qs, confs, rows = [], [], [], []
         while True:
             if self.keep_rows:
@@ -174,7 +176,7 @@ class ModelDrafter(Drafter):
             logits = self.lm.forward([t])[0]
             step_s.append(time.perf_counter() - t0)
         return Proposal(tokens, np.stack(qs) if qs else None, confs, DraftSource.MODEL,
-                        np.stack(rows) if rows else None, step_s)
+                        np.stack(rows) if rows else None, step_s, catchup)
 
     def commit(self, n_valid: int) -> None:
         self.lm.truncate(n_valid)

@@ -26,11 +26,16 @@ from .costs import StepCosts
 BUCKETS = 10
 PRIOR = 4.0          # pseudo-observations per bucket, centred on the bucket's confidence
 DECAY = 0.98         # older rounds weigh less: acceptance drifts with the text
-PROBE_EVERY = 8      # after this many plain rounds, draft one round anyway ...
+PROBE_EVERY = 8      # after this many plain rounds, draft one round anyway (when it can pay) ...
 PROBE_MAX = 64       # ... and twice as long after each probe that leaves the model unpaid: a probe
                      # pays the draft's catch-up on every token since its last round (30-50 ms on
                      # the 2-core AVX-512 machine, against ≈ 18 ms it earns at acceptance 0.6),
                      # which cost short low-acceptance answers 10-30% (docs/benchmarks.md)
+PROBE_HORIZON = 64   # tokens over which a probe must be able to win back its catch-up: about as far
+                     # as acceptance holds once the text turns predictable (the estimate decays by
+                     # DECAY per round)
+PROBE_RATE = 0.85    # per-token acceptance a probe hopes to find: the draft's on its best text (code,
+                     # 0.81-0.92 measured); the pay-off a probe is judged by (`probe_pays`)
 TOKEN_RATE_PRIOR = (1.2, 2.0)  # per-token acceptance 0.6 (two tokens' worth) before any round
 CARRY_TOKENS = 8.0   # a request hands the next one at most this many tokens' worth of evidence
 
@@ -133,6 +138,7 @@ class SpecPolicy:
     active: int = 1            # requests batched with this one (set by the loop each round)
     rate: DecayedRate = field(default_factory=lambda: DecayedRate(*TOKEN_RATE_PRIOR))
     observed: int = 0          # model-drafted rounds seen
+    behind: int = 0            # tokens committed since the draft model last drafted: its next catch-up
 
     def __post_init__(self) -> None:
         self.acceptance = AcceptanceModel()
@@ -155,12 +161,32 @@ class SpecPolicy:
         """What a round verifying `rows` rows costs, for this request among `active` ones."""
         return batch_cost(self.costs, self.active, rows)
 
-    def model_round_pays(self) -> bool:
+    def model_round_pays(self, room: int) -> bool:
         """Run the draft model this round? Yes when expected to beat a plain target step, and,
-        alone, once every PROBE_EVERY declined rounds anyway, so the estimate can recover. In a
-        batch a probe would hold every other request back for its drafting and verification:
-        the estimate recovers once the request is alone again."""
-        return self.model_pays_estimate() or (self._plain_streak >= self._probe_every and self.active == 1)
+        alone, after PROBE_EVERY declined rounds (longer while probes fail) when a probe can
+        pay (`probe_pays`), so the estimate can recover. In a batch a probe would hold every
+        other request back for its drafting and verification: the estimate recovers once the
+        request is alone again."""
+        if self.model_pays_estimate():
+            return True
+        return self._plain_streak >= self._probe_every and self.active == 1 and self.probe_pays(room)
+
+    def probe_pays(self, room: int) -> bool:
+        """Can a probe repay what it costs? It first feeds the draft the `behind` tokens it
+        missed (measured: ≈ 100 ms for 64 tokens on the 2-core AVX-512 machine, 4-5 plain
+        steps), and that is lost when the probe fails. It is worth trying only if the model,
+        were the text now as predictable as it ever gets (PROBE_RATE), would win the catch-up
+        back within the next PROBE_HORIZON tokens (or the `room` left). Where even that does
+        not beat plain steps by enough (a draft too slow for this device) there is nothing to
+        find out, and probes only cost (measured: 7% of `spec`'s rate on Spec-Bench prose,
+        docs/benchmarks.md)."""
+        tokens = min(room + 1, PROBE_HORIZON)
+        saved = tokens * self.cost(1) - tokens / self.model_rate(PROBE_RATE)
+        return saved > self.costs.catchup(self.behind)
+
+    def advance(self, tokens: int, by_model: bool) -> None:
+        """A round committed `tokens`; drafted by the model, its cache then lacks only the last."""
+        self.behind = 1 if by_model else self.behind + tokens
 
     def note_model_round(self, ran: bool) -> None:
         """The draft model ran this round (the probe count restarts) or was declined. A round
@@ -175,12 +201,12 @@ class SpecPolicy:
         """Is a model-drafted round expected to beat a plain step?"""
         return self.fixed_k is not None or self.k_min > 0 or self.model_rate() > 1 / self.cost(1)
 
-    def model_rate(self) -> float:
-        """Expected tokens per second of a model-drafted round at the recent per-token
-        acceptance, for the best K (or the fixed one)."""
+    def model_rate(self, rate: Optional[float] = None) -> float:
+        """Expected tokens per second of a model-drafted round at per-token acceptance `rate`
+        (None: the recent one), for the best K (or the fixed one)."""
         d = self.costs.draft_step * self.draft_share
         ks = [self.fixed_k] if self.fixed_k else range(max(1, self.k_min), self.k_max + 1)
-        return best_length(self.rate.value, ks, lambda k: k * d + self.cost(k + 1))[1]
+        return best_length(self.rate.value if rate is None else rate, ks, lambda k: k * d + self.cost(k + 1))[1]
 
     def keep_drafting(self, confs: Sequence[float]) -> bool:
         """After drafting len(confs) tokens: is drafting one more expected to pay?"""

@@ -214,14 +214,15 @@ def test_drafting_shrinks_as_concurrency_rises():
 def test_no_probe_rounds_in_a_batch():
     """A declined draft model is probed every PROBE_EVERY rounds alone, never in a batch (a
     probe holds every other request back)."""
-    from edge_ssd.policy import PROBE_EVERY, SpecPolicy
-    slow_draft = StepCosts(draft_step=0.05, verify=COSTS.verify)
+    from edge_ssd.policy import PROBE_EVERY, DecayedRate, SpecPolicy
+    cheap_draft = StepCosts(draft_step=0.003, verify=COSTS.verify)
     for active, probes in ((1, True), (4, False)):
-        p = SpecPolicy(slow_draft, active=active)
-        assert not p.model_round_pays()
+        p = SpecPolicy(cheap_draft, active=active)
+        p.rate = DecayedRate(0.0, 10.0)  # nothing accepted lately
+        assert not p.model_round_pays(100)
         for _ in range(PROBE_EVERY):
             p.note_model_round(ran=False)
-        assert p.model_round_pays() == probes
+        assert p.model_round_pays(100) == probes
 
 
 # -- the surfaces: server, Python threads (above), CLI --------------------------------------------

@@ -26,9 +26,27 @@ PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
 POOL = ThreadPoolExecutor(max_workers=1)
 
 
-def costs(draft: float = 0.004, decode1: float = 0.020, row: float = 0.004) -> StepCosts:
+def costs(draft: float = 0.004, decode1: float = 0.020, row: float = 0.004, catchup: float = 0.001) -> StepCosts:
     """A CPU-like cost model: verification rows add compute to a bandwidth-bound step."""
-    return StepCosts(draft, {r: decode1 + row * (r - 1) for r in (1, 2, 3, 5, 9)})
+    return StepCosts(draft, {r: decode1 + row * (r - 1) for r in (1, 2, 3, 5, 9)}, catchup)
+
+
+class FrozenCosts(StepCosts):
+    """Costs that the fakes' microsecond steps do not move: the policy sees a device's."""
+
+    def observe_verify(self, rows: int, seconds: float) -> None:
+        pass
+
+    def observe_draft(self, seconds: float) -> None:
+        pass
+
+    def observe_catchup(self, tokens: int, seconds: float) -> None:
+        pass
+
+
+def frozen(**kw) -> FrozenCosts:
+    c = costs(**kw)
+    return FrozenCosts(c.draft_step, c.verify, c.catchup_token)
 
 
 def make_drafter(kind: str, target: FakeLM, agreement: float) -> Drafter:
@@ -74,18 +92,21 @@ def test_acceptance_measures_the_drafts_agreement(agreement):
 
 @pytest.mark.parametrize("agreement,draft_step,expect", [
     (1.0, 0.002, "deep"),    # a cheap draft that is always right: draft as far as allowed
-    (0.0, 0.015, "plain"),   # an expensive draft that is always wrong: plain steps, with probes
+    (0.0, 0.004, "probed"),  # a cheap draft that is always wrong: plain steps, with probes
+    (0.0, 0.015, "plain"),   # an expensive one: even predictable text could not repay a probe
     (0.6, 0.004, "shallow"),  # 0.6 per token at 4 ms a step and 4 ms a row: K = 1 is the optimum
 ])
 def test_auto_k_follows_costs_and_acceptance(agreement, draft_step, expect):
     target = FakeLM(max_context=1024)
-    _, stats = run(target, make_drafter("model", target, agreement), n=400, step_costs=costs(draft=draft_step))
+    _, stats = run(target, make_drafter("model", target, agreement), n=400, step_costs=frozen(draft=draft_step))
     late = stats.k_chosen[len(stats.k_chosen) // 2:]
     mean_k, plain = np.mean(late), np.mean([k == 0 for k in late])
     if expect == "deep":
         assert mean_k >= 6, mean_k
-    elif expect == "plain":
+    elif expect == "probed":
         assert plain > 0.8 and 0 < sum(k > 0 for k in late), (plain, late)
+    elif expect == "plain":
+        assert plain == 1.0, late
     else:
         assert 0.8 <= mean_k <= 2 and plain < 0.2, (mean_k, plain)
 
@@ -164,19 +185,19 @@ def test_decayed_rate_forgets_and_carries_a_bounded_prior():
 
 
 def test_policy_probes_after_declined_rounds():
-    pol = SpecPolicy(costs(draft=0.05), None, 0, 8)
+    pol = SpecPolicy(costs(), None, 0, 8)
     pol.rate = DecayedRate(0.0, 10.0)  # nothing accepted lately: the model never pays
-    assert not pol.model_round_pays()
+    assert not pol.model_round_pays(100)
     for _ in range(8):
         pol.note_model_round(ran=False)
-    assert pol.model_round_pays()
+    assert pol.model_round_pays(100)
     pol.note_model_round(ran=True)
-    assert not pol.model_round_pays()
+    assert not pol.model_round_pays(100)
 
 
 def _plain_rounds_before_a_probe(pol: SpecPolicy) -> int:
     n = 0
-    while not pol.model_round_pays():
+    while not pol.model_round_pays(100):
         pol.note_model_round(ran=False)
         n += 1
     pol.note_model_round(ran=True)
@@ -186,15 +207,51 @@ def _plain_rounds_before_a_probe(pol: SpecPolicy) -> int:
 def test_probes_back_off_while_the_model_does_not_pay_and_recover_when_it_does():
     from edge_ssd.policy import PROBE_EVERY, PROBE_MAX
 
-    pol = SpecPolicy(costs(draft=0.05), None, 0, 8)
+    pol = SpecPolicy(costs(), None, 0, 8)
     pol.rate = DecayedRate(0.0, 10.0)
     waits = [_plain_rounds_before_a_probe(pol) for _ in range(6)]
     assert waits == [min(PROBE_EVERY << i, PROBE_MAX) for i in range(6)] and waits[-1] == PROBE_MAX
     pol.costs, pol.rate = costs(), DecayedRate(9.5, 10.0)   # a cheap draft, mostly right: it pays
-    assert pol.model_round_pays()
+    assert pol.model_round_pays(100)
     pol.note_model_round(ran=True)        # a round the estimate backed: the short wait is back
-    pol.costs, pol.rate = costs(draft=0.05), DecayedRate(0.0, 10.0)
+    pol.rate = DecayedRate(0.0, 10.0)
     assert _plain_rounds_before_a_probe(pol) == PROBE_EVERY
+
+
+AVX512 = dict(draft=0.017, decode1=0.030, row=0.008, catchup=0.0013)  # the 2-core AVX-512 machine, measured
+AVX2 = dict(draft=0.0105, decode1=0.022, row=0.004, catchup=0.0008)   # the 2-core AVX2 machine of before
+
+
+@pytest.mark.parametrize("machine,behind,room,active,want", [
+    (costs_kw := {}, 8, 100, 1, True),   # a cheap draft: a probe can repay its catch-up many times
+    (costs_kw, 16, 1, 1, False),         # two tokens left: too few to win the catch-up back
+    (costs_kw, 2000, 100, 1, False),     # a catch-up of 2000 tokens costs more than 64 could win
+    (costs_kw, 8, 100, 4, False),        # in a batch a probe holds the other requests back
+    (AVX2, 32, 100, 1, True),            # model drafting paid 1.3x on code there: probes may find it
+    (AVX512, 8, 100, 1, False),          # a draft at 0.57x the target: even code could not repay one
+], ids=["cheap", "no-room", "long-catch-up", "batch", "avx2", "avx512"])
+def test_a_probe_runs_only_where_it_can_pay(machine, behind, room, active, want):
+    """A declined model is probed after PROBE_EVERY plain rounds only if, at PROBE_RATE, it
+    would win back the catch-up of the `behind` tokens it missed within PROBE_HORIZON tokens."""
+    from edge_ssd.policy import PROBE_EVERY
+
+    pol = SpecPolicy(costs(**machine), None, 0, 8, active=active)
+    pol.rate = DecayedRate(0.0, 10.0)
+    for _ in range(PROBE_EVERY):
+        assert not pol.model_round_pays(room)
+        pol.note_model_round(ran=False)
+    pol.behind = behind
+    assert pol.model_round_pays(room) == want
+
+
+def test_the_loop_counts_what_the_draft_missed():
+    """`behind` is what a probe would feed the draft: every token since its last drafted round."""
+    pol = SpecPolicy(costs(), None, 0, 8)
+    pol.advance(1, by_model=False)
+    pol.advance(4, by_model=False)   # a lookup round: three accepted and the target's own
+    assert pol.behind == 5
+    pol.advance(3, by_model=True)
+    assert pol.behind == 1
 
 
 # -- model-free drafting: predictions and the suffix cache ------------------------------------

@@ -63,10 +63,12 @@ def _draft_round(policy: SpecPolicy, drafter: Drafter, room: int, governor: Opti
                       fanout_cap=governor.fanout_cap if governor is not None else None)
 
 
-def _prefill(target: OnnxLM, drafter: Optional[Drafter], prompt: list, governor: Optional[Governor]):
+def _prefill(target: OnnxLM, drafter: Optional[Drafter], prompt: list, governor: Optional[Governor],
+             lazy: bool):
     """Feed the prompt to both models in chunks the memory budget allows (shorter ones while
     other requests decode beside it); between chunks check memory and yield [] (the consumer
-    may stop a long prompt there). Returns the last logits."""
+    may stop a long prompt there). The draft model takes the prompt too, unless `lazy` (the
+    policy does not expect it to pay). Returns the last logits."""
     chunk = len(prompt)
     if governor is not None:
         e = target.entry
@@ -74,7 +76,7 @@ def _prefill(target: OnnxLM, drafter: Optional[Drafter], prompt: list, governor:
     if target.active > 1:
         chunk = min(chunk, SHARED_PREFILL_CHUNK)
     if drafter is not None:
-        drafter.start(prompt, chunk)
+        drafter.start(prompt, chunk, lazy)
     for i, logits in enumerate(prefill(target, prompt, chunk)):
         if (i + 1) * chunk < len(prompt):
             if governor is not None and governor.check(0, False) == GovernorAction.ABORT:
@@ -110,12 +112,13 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
     policy = SpecPolicy(costs, cfg.k, cfg.k_min, cfg.k_max) if drafter is not None else None
     if policy is not None and learned:
         policy.load(learned)
-    if policy is not None and target.active > 1:
-        policy.behind = len(prompt)  # in a batch the draft skips its prefill (ModelDrafter.start)
     t_start = time.perf_counter()
     stats.prompt_tokens = len(prompt)
     target.reset()
-    logits = yield from _prefill(target, drafter, prompt, governor)
+    lazy = policy is not None and not drafter.concurrent and not policy.model_may_pay(cfg.max_new_tokens - 1, len(prompt))
+    if policy is not None and (lazy or target.active > 1):
+        policy.behind = len(prompt)  # the draft model's cache stays empty for now (ModelDrafter.start)
+    logits = yield from _prefill(target, drafter, prompt, governor, lazy)
     new, src = [pick(logits[0], sp, rng)], [DraftSource.TARGET]
     t_first = time.perf_counter()
     stats.prefill_s = t_first - t_start

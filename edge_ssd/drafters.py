@@ -80,9 +80,11 @@ class Drafter(abc.ABC):
     fanout: int = 0           # parallel branches held per round (the governor may lower it)
 
     @abc.abstractmethod
-    def start(self, prompt: list, prefill_chunk: Optional[int] = None) -> None:
+    def start(self, prompt: list, prefill_chunk: Optional[int] = None, lazy: bool = False) -> None:
         """A new request: forget the last one, take in the prompt (a model feeds it
-        `prefill_chunk` tokens per forward, to stay inside the memory budget; None: at once)."""
+        `prefill_chunk` tokens per forward, to stay inside the memory budget; None: at once).
+        lazy: the draft model is not expected to draft soon, so a model may leave its cache
+        empty; its first drafting round catches it up."""
 
     @abc.abstractmethod
     def propose(self, seq: list, rnd: DraftRound) -> Proposal:
@@ -135,13 +137,16 @@ class ModelDrafter(Drafter):
         self.target_vocab = target_vocab
         self.keep_rows = False  # parallel mode reads the draft's candidates from each row
 
-    def start(self, prompt: list, prefill_chunk: Optional[int] = None) -> None:
-        """Prefill the draft's cache with the prompt (part of the request's prefill time). In a
-        batch, later: a model round seldom pays there (policy.batch_cost), and the draft's
-        prefill would hold the device from every other request (measured: 2.9 s of 10 s for
-        four requests); the first round that drafts catches the cache up."""
+    def start(self, prompt: list, prefill_chunk: Optional[int] = None, lazy: bool = False) -> None:
+        """Prefill the draft's cache with the prompt (part of the request's prefill time). Lazy
+        (the policy does not expect the model to pay) or in a batch, later: the first round
+        that drafts catches the cache up. In a batch a model round seldom pays
+        (policy.batch_cost), and the draft's prefill would hold the device from every other
+        request (measured: 2.9 s of 10 s for four requests); alone, a draft that never drafts
+        would add its prefill to the time to first token for nothing (0.25 s of 0.83 s on a
+        Spec-Bench writing prompt, 2-core AVX-512 machine)."""
         self.lm.reset()
-        if self.lm.active > 1:
+        if lazy or self.lm.active > 1:
             return
         for _ in prefill(self.lm, prompt, prefill_chunk or len(prompt)):
             pass
@@ -195,7 +200,7 @@ class NgramDrafter(Drafter):
         self.arr = np.empty(0, np.int64)  # the committed sequence, grown in place
         self.n = 0
 
-    def start(self, prompt: list, prefill_chunk: Optional[int] = None) -> None:
+    def start(self, prompt: list, prefill_chunk: Optional[int] = None, lazy: bool = False) -> None:
         self.arr = np.empty(max(256, 2 * len(prompt)), np.int64)
         self.arr[: len(prompt)] = prompt
         self.n = len(prompt)
@@ -265,11 +270,11 @@ class AutoDrafter(Drafter):
     def draft_share(self) -> float:
         return self.model.draft_share if self.model is not None else 1.0
 
-    def start(self, prompt: list, prefill_chunk: Optional[int] = None) -> None:
+    def start(self, prompt: list, prefill_chunk: Optional[int] = None, lazy: bool = False) -> None:
         for d in self.lookups:
             d.start(prompt, prefill_chunk)
         if self.model is not None:
-            self.model.start(prompt, prefill_chunk)
+            self.model.start(prompt, prefill_chunk, lazy)
 
     def _cut(self, prop: Proposal, rnd: DraftRound) -> tuple:
         """(tokens worth proposing, expected tokens per second) of a lookup proposal."""

@@ -145,7 +145,7 @@ class SuffixCacheDrafter(Drafter):
     def __init__(self, store: TokenStore):
         self.store = store
 
-    def start(self, prompt: list, prefill_chunk: Optional[int] = None) -> None:
+    def start(self, prompt: list, prefill_chunk: Optional[int] = None, lazy: bool = False) -> None:
         pass
 
     def propose(self, seq: list, rnd: DraftRound) -> Proposal:
@@ -163,7 +163,7 @@ class PredictionDrafter(Drafter):
         self.store.add(self.prediction)
         self.base = 0
 
-    def start(self, prompt: list, prefill_chunk: Optional[int] = None) -> None:
+    def start(self, prompt: list, prefill_chunk: Optional[int] = None, lazy: bool = False) -> None:
         self.base = len(prompt)
 
     def propose(self, seq: list, rnd: DraftRound) -> Proposal:

@@ -143,9 +143,9 @@ class ParallelDrafter(Drafter):
         self.hit_ema = HIT_RATE_PRIOR       # recent hit rate: the share of drafting hidden
 
     # -- main thread ---------------------------------------------------------------------------
-    def start(self, prompt: list, prefill_chunk: Optional[int] = None) -> None:
+    def start(self, prompt: list, prefill_chunk: Optional[int] = None, lazy: bool = False) -> None:
         self._quiesce()
-        self.model.start(prompt, prefill_chunk)
+        self.model.start(prompt, prefill_chunk)  # never lazy: the speculation cache drafts from the prompt on
         self.held, self.floor, self.job = list(prompt), len(prompt), None
 
     @property

@@ -31,11 +31,8 @@ PROBE_MAX = 64       # ... and twice as long after each probe that leaves the mo
                      # pays the draft's catch-up on every token since its last round (30-50 ms on
                      # the 2-core AVX-512 machine, against ≈ 18 ms it earns at acceptance 0.6),
                      # which cost short low-acceptance answers 10-30% (docs/benchmarks.md)
-PROBE_HORIZON = 64   # tokens over which a probe must be able to win back its catch-up: about as far
-                     # as acceptance holds once the text turns predictable (the estimate decays by
-                     # DECAY per round)
 PROBE_RATE = 0.85    # per-token acceptance a probe hopes to find: the draft's on its best text (code,
-                     # 0.81-0.92 measured); the pay-off a probe is judged by (`probe_pays`)
+                     # 0.81-0.92 measured); what probes and the draft's prefill are judged by
 TOKEN_RATE_PRIOR = (1.2, 2.0)  # per-token acceptance 0.6 (two tokens' worth) before any round
 CARRY_TOKENS = 8.0   # a request hands the next one at most this many tokens' worth of evidence
 
@@ -173,16 +170,24 @@ class SpecPolicy:
 
     def probe_pays(self, room: int) -> bool:
         """Can a probe repay what it costs? It first feeds the draft the `behind` tokens it
-        missed (measured: ≈ 100 ms for 64 tokens on the 2-core AVX-512 machine, 4-5 plain
+        missed (measured on the 2-core AVX-512 machine: ≈ 3 ms a token, 64 tokens ≈ 9 plain
         steps), and that is lost when the probe fails. It is worth trying only if the model,
-        were the text now as predictable as it ever gets (PROBE_RATE), would win the catch-up
-        back within the next PROBE_HORIZON tokens (or the `room` left). Where even that does
-        not beat plain steps by enough (a draft too slow for this device) there is nothing to
-        find out, and probes only cost (measured: 7% of `spec`'s rate on Spec-Bench prose,
-        docs/benchmarks.md)."""
-        tokens = min(room + 1, PROBE_HORIZON)
-        saved = tokens * self.cost(1) - tokens / self.model_rate(PROBE_RATE)
-        return saved > self.costs.catchup(self.behind)
+        were the rest of the answer as predictable as its best text (PROBE_RATE), would win
+        the catch-up back within the `room` tokens left. Where even that does not beat plain
+        steps (a draft too slow for this device) there is nothing to find out, and probes only
+        cost (measured: 7% of `spec`'s rate on Spec-Bench prose, docs/benchmarks.md)."""
+        return self.best_case_saving(room) > self.costs.catchup(self.behind)
+
+    def model_may_pay(self, room: int, prompt_tokens: int) -> bool:
+        """Prefill the draft with the prompt now? Only if the model is expected to pay, or its
+        best case over the `room` tokens could repay the prefill; otherwise the first round
+        that drafts (if any) catches it up, and the time to first token is the target's."""
+        return self.model_pays_estimate() or self.best_case_saving(room) > self.costs.catchup(prompt_tokens)
+
+    def best_case_saving(self, room: int) -> float:
+        """Seconds the draft model would save over the next room + 1 tokens at PROBE_RATE."""
+        tokens = room + 1
+        return tokens * self.cost(1) - tokens / self.model_rate(PROBE_RATE)
 
     def advance(self, tokens: int, by_model: bool) -> None:
         """A round committed `tokens`; drafted by the model, its cache then lacks only the last."""

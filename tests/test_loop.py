@@ -218,21 +218,49 @@ def test_probes_back_off_while_the_model_does_not_pay_and_recover_when_it_does()
     assert _plain_rounds_before_a_probe(pol) == PROBE_EVERY
 
 
-AVX512 = dict(draft=0.017, decode1=0.030, row=0.008, catchup=0.0013)  # the 2-core AVX-512 machine, measured
+
+@pytest.mark.parametrize("draft_step,prefilled", [(0.004, True), (0.015, False)], ids=["can-pay", "cannot-pay"])
+def test_a_draft_that_cannot_pay_leaves_the_prompt_for_later(draft_step, prefilled):
+    """A draft model that could not pay even on its best text does not prefill the prompt
+    (time to first token); one that can, does. Output is the target's either way."""
+    target = FakeLM()
+    draft = FakeLM(target.vocab, target.max_context, seed=5, agree_with=target, agreement=0.9)
+    stats = Stats("spec")
+    gen = decode(target, ModelDrafter(draft, target.vocab), list(PROMPT), DecodeConfig(max_new_tokens=40, k=None),
+                 stats, frozen(draft=draft_step))
+    first = next(gen)
+    assert draft.length == (len(PROMPT) if prefilled else 0)
+    assert first + [t for chunk in gen for t in chunk] == run(FakeLM(), None, n=40)[0]
+
+
+def test_a_lazy_draft_catches_up_and_drafts_what_an_eager_one_would():
+    target = FakeLM()
+    seq = list(PROMPT) + [7, 8, 9]
+    rnd = DraftRound(room=10, k_limit=3, sampling=SamplingParams(), rng=np.random.default_rng(0))
+    props = []
+    for lazy in (False, True):
+        draft = FakeLM(target.vocab, target.max_context, seed=5, agree_with=target, agreement=0.5)
+        d = ModelDrafter(draft, target.vocab)
+        d.start(list(PROMPT), lazy=lazy)
+        props.append(d.propose(seq, rnd))
+        assert draft.length == len(seq) + len(props[-1].tokens) - 1
+    assert props[0].tokens == props[1].tokens and props[1].catchup[0] == len(seq)
+
+AVX512 = dict(draft=0.0108, decode1=0.0223, row=0.0083, catchup=0.0032)  # the 2-core AVX-512 machine, measured
 AVX2 = dict(draft=0.0105, decode1=0.022, row=0.004, catchup=0.0008)   # the 2-core AVX2 machine of before
 
 
 @pytest.mark.parametrize("machine,behind,room,active,want", [
     (costs_kw := {}, 8, 100, 1, True),   # a cheap draft: a probe can repay its catch-up many times
     (costs_kw, 16, 1, 1, False),         # two tokens left: too few to win the catch-up back
-    (costs_kw, 2000, 100, 1, False),     # a catch-up of 2000 tokens costs more than 64 could win
+    (costs_kw, 2000, 100, 1, False),     # a catch-up of 2000 tokens costs more than 100 could win
     (costs_kw, 8, 100, 4, False),        # in a batch a probe holds the other requests back
     (AVX2, 32, 100, 1, True),            # model drafting paid 1.3x on code there: probes may find it
     (AVX512, 8, 100, 1, False),          # a draft at 0.57x the target: even code could not repay one
 ], ids=["cheap", "no-room", "long-catch-up", "batch", "avx2", "avx512"])
 def test_a_probe_runs_only_where_it_can_pay(machine, behind, room, active, want):
     """A declined model is probed after PROBE_EVERY plain rounds only if, at PROBE_RATE, it
-    would win back the catch-up of the `behind` tokens it missed within PROBE_HORIZON tokens."""
+    would win back the catch-up of the `behind` tokens it missed within the `room` left."""
     from edge_ssd.policy import PROBE_EVERY
 
     pol = SpecPolicy(costs(**machine), None, 0, 8, active=active)
@@ -242,6 +270,18 @@ def test_a_probe_runs_only_where_it_can_pay(machine, behind, room, active, want)
         pol.note_model_round(ran=False)
     pol.behind = behind
     assert pol.model_round_pays(room) == want
+
+
+@pytest.mark.parametrize("machine,prompt,room,want", [
+    (AVX2, 200, 127, True),      # the draft could pay: take the prompt with the target's
+    (AVX2, 2000, 127, False),    # a long prompt's prefill is more than 128 tokens could win back
+    (AVX2, 2000, 1023, True),    # ... but not more than 1024 could
+    (AVX512, 200, 1023, False),  # a draft that cannot pay here never needs the prompt
+], ids=["avx2-short", "avx2-long-prompt", "avx2-long-answer", "avx512"])
+def test_the_draft_takes_the_prompt_only_where_it_may_pay(machine, prompt, room, want):
+    pol = SpecPolicy(costs(**machine), None, 0, 8)
+    pol.rate = DecayedRate(0.0, 10.0)  # not expected to pay now: only the best case can argue for it
+    assert pol.model_may_pay(room, prompt) == want
 
 
 def test_the_loop_counts_what_the_draft_missed():

@@ -31,9 +31,10 @@ class StepCosts:
     catchup_token: float = 0.0        # seconds per token past the first when the draft is fed several at once
 
     def catchup(self, tokens: int) -> float:
-        """Seconds to feed the draft `tokens` it missed (plain or lookup rounds) in one forward:
-        what a model round after a pause pays before it drafts."""
-        return self.draft_step + max(0, tokens - 1) * self.catchup_token
+        """Seconds a model round pays beyond its own draft steps when it must first feed the
+        draft `tokens` it missed (plain or lookup rounds, or a prompt it did not prefill): the
+        first of them rides on the round's first step, the rest cost `catchup_token` each."""
+        return max(0, tokens - 1) * self.catchup_token
 
     def verify_rows(self, rows: int) -> float:
         """Target forward time for `rows` rows, interpolated linearly between measured points."""

@@ -32,7 +32,7 @@ PROBE_MAX = 64       # ... and twice as long after each probe that leaves the mo
                      # the 2-core AVX-512 machine, against ≈ 18 ms it earns at acceptance 0.6),
                      # which cost short low-acceptance answers 10-30% (docs/benchmarks.md)
 PROBE_RATE = 0.85    # per-token acceptance a probe hopes to find: the draft's on its best text (code,
-                     # 0.81-0.92 measured); what probes and the draft's prefill are judged by
+                     # 0.81-0.92 measured); what a probe is judged by (`model_round_pays`)
 TOKEN_RATE_PRIOR = (1.2, 2.0)  # per-token acceptance 0.6 (two tokens' worth) before any round
 CARRY_TOKENS = 8.0   # a request hands the next one at most this many tokens' worth of evidence
 
@@ -159,35 +159,38 @@ class SpecPolicy:
         return batch_cost(self.costs, self.active, rows)
 
     def model_round_pays(self, room: int) -> bool:
-        """Run the draft model this round? Yes when expected to beat a plain target step, and,
-        alone, after PROBE_EVERY declined rounds (longer while probes fail) when a probe can
-        pay (`probe_pays`), so the estimate can recover. In a batch a probe would hold every
-        other request back for its drafting and verification: the estimate recovers once the
-        request is alone again."""
-        if self.model_pays_estimate():
+        """Run the draft model this round? Its round first feeds the draft the `behind` tokens
+        it missed (`StepCosts.catchup`: measured ≈ 1-3 ms a token on 2 cores, so a 700-token
+        prompt it did not prefill costs 0.6-2 s), so it runs when the time it is expected to
+        save over the `room` left repays that. Otherwise, alone, after PROBE_EVERY declined
+        rounds (longer while probes fail), a probe runs if the model's best case (PROBE_RATE)
+        would repay it, so the estimate can recover; where even that cannot (a draft too slow
+        for this device) probes only cost (measured: 7% of `spec`'s rate on Spec-Bench prose,
+        docs/benchmarks.md). In a batch a probe would hold every other request back for its
+        drafting and verification: the estimate recovers once the request is alone again."""
+        if self._forced():
             return True
-        return self._plain_streak >= self._probe_every and self.active == 1 and self.probe_pays(room)
-
-    def probe_pays(self, room: int) -> bool:
-        """Can a probe repay what it costs? It first feeds the draft the `behind` tokens it
-        missed (measured on the 2-core AVX-512 machine: ≈ 3 ms a token, 64 tokens ≈ 9 plain
-        steps), and that is lost when the probe fails. It is worth trying only if the model,
-        were the rest of the answer as predictable as its best text (PROBE_RATE), would win
-        the catch-up back within the `room` tokens left. Where even that does not beat plain
-        steps (a draft too slow for this device) there is nothing to find out, and probes only
-        cost (measured: 7% of `spec`'s rate on Spec-Bench prose, docs/benchmarks.md)."""
-        return self.best_case_saving(room) > self.costs.catchup(self.behind)
+        owed = self.costs.catchup(self.behind)
+        if self.saving(room) > owed:
+            return True
+        return (self._plain_streak >= self._probe_every and self.active == 1
+                and self.saving(room, PROBE_RATE) > owed)
 
     def model_may_pay(self, room: int, prompt_tokens: int) -> bool:
-        """Prefill the draft with the prompt now? Only if the model is expected to pay, or its
-        best case over the `room` tokens could repay the prefill; otherwise the first round
-        that drafts (if any) catches it up, and the time to first token is the target's."""
-        return self.model_pays_estimate() or self.best_case_saving(room) > self.costs.catchup(prompt_tokens)
+        """Prefill the draft with the prompt now? Only where the model, at the best of its best
+        case (PROBE_RATE) and what it has shown, could win the prefill back over the `room`:
+        a long prompt with a short answer is not worth it even for a draft that pays (measured
+        on Spec-Bench rag: the draft's prefill took 1.4 s of a 4.5 s request). Otherwise the
+        draft waits: a later round that drafts, if one comes, catches it up (and
+        `model_round_pays` counts that), and the time to first token is the target's alone."""
+        best = max(PROBE_RATE, self.rate.value)
+        return self._forced() or self.saving(room, best) > self.costs.catchup(prompt_tokens)
 
-    def best_case_saving(self, room: int) -> float:
-        """Seconds the draft model would save over the next room + 1 tokens at PROBE_RATE."""
+    def saving(self, room: int, rate: Optional[float] = None) -> float:
+        """Seconds model-drafted rounds would save over plain steps across the next room + 1
+        tokens at per-token acceptance `rate` (None: the recent one); negative when they lose."""
         tokens = room + 1
-        return tokens * self.cost(1) - tokens / self.model_rate(PROBE_RATE)
+        return tokens * self.cost(1) - tokens / self.model_rate(rate)
 
     def advance(self, tokens: int, by_model: bool) -> None:
         """A round committed `tokens`; drafted by the model, its cache then lacks only the last."""
@@ -203,8 +206,12 @@ class SpecPolicy:
         self._plain_streak = 0 if ran else self._plain_streak + 1
 
     def model_pays_estimate(self) -> bool:
-        """Is a model-drafted round expected to beat a plain step?"""
-        return self.fixed_k is not None or self.k_min > 0 or self.model_rate() > 1 / self.cost(1)
+        """Is a model-drafted round (its draft caught up) expected to beat a plain step?"""
+        return self._forced() or self.model_rate() > 1 / self.cost(1)
+
+    def _forced(self) -> bool:
+        """A fixed K or a K floor: the user asked for model drafting whatever it costs."""
+        return self.fixed_k is not None or self.k_min > 0
 
     def model_rate(self, rate: Optional[float] = None) -> float:
         """Expected tokens per second of a model-drafted round at per-token acceptance `rate`

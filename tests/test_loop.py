@@ -272,15 +272,36 @@ def test_a_probe_runs_only_where_it_can_pay(machine, behind, room, active, want)
     assert pol.model_round_pays(room) == want
 
 
-@pytest.mark.parametrize("machine,prompt,room,want", [
-    (AVX2, 200, 127, True),      # the draft could pay: take the prompt with the target's
-    (AVX2, 2000, 127, False),    # a long prompt's prefill is more than 128 tokens could win back
-    (AVX2, 2000, 1023, True),    # ... but not more than 1024 could
-    (AVX512, 200, 1023, False),  # a draft that cannot pay here never needs the prompt
-], ids=["avx2-short", "avx2-long-prompt", "avx2-long-answer", "avx512"])
-def test_the_draft_takes_the_prompt_only_where_it_may_pay(machine, prompt, room, want):
+@pytest.mark.parametrize("behind,room,want", [
+    (1, 100, True),        # caught up: the estimate alone decides
+    (2000, 100, False),    # 2 s of catch-up against ≈ 0.7 s the next 100 tokens could save
+    (2000, 1000, True),    # ... which a 1000-token answer repays
+], ids=["caught-up", "long-catch-up", "long-answer"])
+def test_a_model_round_that_pays_still_repays_its_catch_up(behind, room, want):
+    """A draft the estimate backs (acceptance 0.9, a step a fifth of the target's) runs only
+    when the time it saves over the room left repays feeding it what it missed: a prompt it
+    did not prefill is 2000 tokens behind, 2 s at 1 ms a token."""
+    pol = SpecPolicy(costs(), None, 0, 8)
+    pol.rate = DecayedRate(9.0, 10.0)
+    assert pol.model_pays_estimate()
+    pol.behind = behind
+    assert pol.model_round_pays(room) == want
+
+
+@pytest.mark.parametrize("machine,hits,prompt,room,want", [
+    (AVX2, 0.0, 200, 127, True),      # the draft could pay: take the prompt with the target's
+    (AVX2, 0.0, 2000, 127, False),    # a long prompt's prefill is more than 128 tokens could win back
+    (AVX2, 0.0, 2000, 1023, True),    # ... but not more than 1024 could
+    (AVX512, 0.0, 200, 1023, False),  # a draft that cannot pay here never needs the prompt
+    ({}, 9.0, 50, 100, True),         # a draft that pays, a short prompt
+    ({}, 9.0, 2000, 100, False),      # even a draft that pays cannot win 2 s back in 100 tokens
+], ids=["avx2-short", "avx2-long-prompt", "avx2-long-answer", "avx512", "pays-short", "pays-long-prompt"])
+def test_the_draft_takes_the_prompt_only_where_it_may_pay(machine, hits, prompt, room, want):
+    """`hits` of 10 tokens accepted lately (0: the estimate cannot argue for the draft, only
+    its best case can)."""
     pol = SpecPolicy(costs(**machine), None, 0, 8)
-    pol.rate = DecayedRate(0.0, 10.0)  # not expected to pay now: only the best case can argue for it
+    pol.rate = DecayedRate(hits, 10.0)
+    assert pol.model_pays_estimate() == (hits > 0)
     assert pol.model_may_pay(room, prompt) == want
 
 

@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""What the draft's catch-up rules are worth: `spec` with them (a model round, probe or not,
+runs only where it can repay feeding the draft what it missed: policy.model_round_pays; the
+draft's prompt prefill only where it may pay: policy.model_may_pay) against `spec` as before
+2026-12-02 (a probe after every back-off, the estimate blind to the catch-up, the draft
+always prefilled), beside `ar` and the model-free `spec/drafter=ngram`, run in turn on each
+prompt in one process (the order reversed on every other prompt; the
+suffix cache and the acceptance estimates carried between requests cleared before each
+request, so no mode drafts an earlier mode's answer or starts from its acceptance).
+
+    python tools/probe_ab.py --bundle models/qwen2.5-coder-0.5b-1.5b \
+        --prompts ../shared/bench/spec_bench_questions.jsonl --limit 2 --json OUT.json
+
+Prints per category the median decode tokens/s and the median per-prompt ratio to `ar`; for
+ALL, the median time to first token (prefill) and the median speed-up of the whole request
+(prefill + decode: a draft that does not prefill moves its catch-up into the decode).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from edge_ssd.hugepages import reexec_with_hugepages
+
+VARIANTS = {  # name -> (generate() keywords, the rule before: every probe, the draft always prefilled)
+    "ar": ({"mode": "ar"}, False),
+    "ngram": ({"mode": "spec", "drafter": "ngram"}, False),
+    "spec": ({"mode": "spec"}, False),
+    "spec before": ({"mode": "spec"}, True),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path, required=True)
+    ap.add_argument("--prompts", type=Path, required=True, help="Spec-Bench JSONL (`turns`, `category`)")
+    ap.add_argument("--limit", type=int, default=2, help="prompts per category")
+    ap.add_argument("--categories", default="", help="comma-separated (default: all)")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    from edge_ssd import policy
+    from edge_ssd.api import Engine
+    from edge_ssd.machine import describe
+
+    def round_before(self: policy.SpecPolicy, room: int) -> bool:
+        return self.model_pays_estimate() or (self._plain_streak >= self._probe_every and self.active == 1)
+
+    rules = policy.SpecPolicy.model_round_pays, policy.SpecPolicy.model_may_pay
+    before = round_before, (lambda self, room, prompt_tokens: True)
+    engine = Engine.load(args.bundle)
+    rows = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
+    wanted = [c for c in args.categories.split(",") if c]
+    cats = wanted or sorted({r["category"] for r in rows})
+    chosen = [q for c in cats for q in [r for r in rows if r["category"] == c][: args.limit]]
+    results = []
+    for i, q in enumerate(chosen):
+        rec = {"id": q["question_id"], "category": q["category"]}
+        for name, (kw, every) in list(VARIANTS.items())[:: 1 if i % 2 == 0 else -1]:
+            policy.SpecPolicy.model_round_pays, policy.SpecPolicy.model_may_pay = before if every else rules
+            engine.suffix_cache.clear()
+            engine.learned.clear()
+            r = engine.generate(messages=[{"role": "user", "content": q["turns"][0]}],
+                                max_new_tokens=args.max_new_tokens, **kw)
+            rec[name] = {k: r.stats[k] for k in ("tokens_per_s", "prefill_s", "total_s", "new_tokens", "draft_s", "drafters")}
+        policy.SpecPolicy.model_round_pays, policy.SpecPolicy.model_may_pay = rules
+        results.append(rec)
+        print(f"[{i + 1}/{len(chosen)}] {q['category']} {q['question_id']}: "
+              + "  ".join(f"{n} {rec[n]['tokens_per_s']:.1f}" for n in VARIANTS), flush=True)
+
+    def table(recs: list) -> dict:
+        return {n: {"tok_s": statistics.median(r[n]["tokens_per_s"] for r in recs),
+                    "x_ar": statistics.median(r[n]["tokens_per_s"] / r["ar"]["tokens_per_s"] for r in recs),
+                    "prefill_s": statistics.median(r[n]["prefill_s"] for r in recs),
+                    "total_x_ar": statistics.median(r["ar"]["total_s"] / r[n]["total_s"] for r in recs)}
+                for n in VARIANTS}
+
+    summary = {c: table([r for r in results if r["category"] == c]) for c in cats}
+    summary["ALL"] = table(results)
+    print("| category | n | " + " | ".join(f"{n} tok/s (x ar)" for n in VARIANTS) + " |")
+    print("|---|---|" + "---|" * len(VARIANTS))
+    for c, t in summary.items():
+        n = len(results) if c == "ALL" else sum(r["category"] == c for r in results)
+        print(f"| {c} | {n} | " + " | ".join(f"{t[v]['tok_s']:.1f} ({t[v]['x_ar']:.2f})" for v in VARIANTS) + " |")
+    print("time to first token, median s: " + ", ".join(f"{v} {summary['ALL'][v]['prefill_s']:.3f}" for v in VARIANTS))
+    print("request time (prefill + decode), median speed-up over ar: "
+          + ", ".join(f"{v} {summary['ALL'][v]['total_x_ar']:.2f}" for v in VARIANTS))
+    print("step costs at the end:", json.dumps(engine.costs.to_json()))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": describe(), "costs": engine.costs.to_json(),
+                                         "summary": summary, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    reexec_with_hugepages()
+    main()

@@ -86,7 +86,7 @@ def _median_time(lm: OnnxLM, ids: list, reps: int, keep: Optional[int] = None) -
 
 def calibrate(target: OnnxLM, draft: Optional[OnnxLM], context: int = 128, reps: int = 5) -> StepCosts:
     """Time verify(r) for r in CAL_ROWS, one draft step on a `context`-token past, and the
-    draft's catch-up (`context` tokens fed at once)."""
+    draft's catch-up (CATCHUP_TOKENS fed at once after that past, as after a prompt)."""
     ids = (np.arange(context) % 1000 + 100).tolist()
     costs = StepCosts(draft_step=0.0)
     target.reset()
@@ -100,7 +100,6 @@ def calibrate(target: OnnxLM, draft: Optional[OnnxLM], context: int = 128, reps:
         draft.forward(ids[:context])
         _median_time(draft, ids[:1], 2)
         costs.draft_step = _median_time(draft, ids[:1], reps * 2)
-        draft.reset()
         costs.observe_catchup(CATCHUP_TOKENS, _median_time(draft, ids[:CATCHUP_TOKENS], 2, keep=1))
         draft.reset()
     return costs

@@ -80,11 +80,13 @@ class Drafter(abc.ABC):
     fanout: int = 0           # parallel branches held per round (the governor may lower it)
 
     @abc.abstractmethod
-    def start(self, prompt: list, prefill_chunk: Optional[int] = None, lazy: bool = False) -> None:
+    def start(self, prompt: list, prefill_chunk: Optional[int] = None,
+              lazy: bool = False) -> Optional[tuple]:
         """A new request: forget the last one, take in the prompt (a model feeds it
         `prefill_chunk` tokens per forward, to stay inside the memory budget; None: at once).
         lazy: the draft model is not expected to draft soon, so a model may leave its cache
-        empty; its first drafting round catches it up."""
+        empty; its first drafting round catches it up. Returns (tokens, seconds) when a
+        draft model took the prompt in: a catch-up the cost model learns from."""
 
     @abc.abstractmethod
     def propose(self, seq: list, rnd: DraftRound) -> Proposal:
@@ -137,7 +139,8 @@ class ModelDrafter(Drafter):
         self.target_vocab = target_vocab
         self.keep_rows = False  # parallel mode reads the draft's candidates from each row
 
-    def start(self, prompt: list, prefill_chunk: Optional[int] = None, lazy: bool = False) -> None:
+    def start(self, prompt: list, prefill_chunk: Optional[int] = None,
+              lazy: bool = False) -> Optional[tuple]:
         """Prefill the draft's cache with the prompt (part of the request's prefill time). Lazy
         (the policy does not expect the model to pay) or in a batch, later: the first round
         that drafts catches the cache up. In a batch a model round seldom pays
@@ -147,9 +150,11 @@ class ModelDrafter(Drafter):
         Spec-Bench writing prompt, 2-core AVX-512 machine)."""
         self.lm.reset()
         if lazy or self.lm.active > 1:
-            return
+            return None
+        t0 = time.perf_counter()
         for _ in prefill(self.lm, prompt, prefill_chunk or len(prompt)):
             pass
+        return len(prompt), time.perf_counter() - t0
 
     def propose(self, seq: list, rnd: DraftRound) -> Proposal:
         if rnd.k <= 0 or not rnd.model_pays:
@@ -270,11 +275,11 @@ class AutoDrafter(Drafter):
     def draft_share(self) -> float:
         return self.model.draft_share if self.model is not None else 1.0
 
-    def start(self, prompt: list, prefill_chunk: Optional[int] = None, lazy: bool = False) -> None:
+    def start(self, prompt: list, prefill_chunk: Optional[int] = None,
+              lazy: bool = False) -> Optional[tuple]:
         for d in self.lookups:
             d.start(prompt, prefill_chunk)
-        if self.model is not None:
-            self.model.start(prompt, prefill_chunk, lazy)
+        return self.model.start(prompt, prefill_chunk, lazy) if self.model is not None else None
 
     def _cut(self, prop: Proposal, rnd: DraftRound) -> tuple:
         """(tokens worth proposing, expected tokens per second) of a lookup proposal."""

@@ -143,10 +143,12 @@ class ParallelDrafter(Drafter):
         self.hit_ema = HIT_RATE_PRIOR       # recent hit rate: the share of drafting hidden
 
     # -- main thread ---------------------------------------------------------------------------
-    def start(self, prompt: list, prefill_chunk: Optional[int] = None, lazy: bool = False) -> None:
+    def start(self, prompt: list, prefill_chunk: Optional[int] = None,
+              lazy: bool = False) -> Optional[tuple]:
         self._quiesce()
-        self.model.start(prompt, prefill_chunk)  # never lazy: the speculation cache drafts from the prompt on
+        fed = self.model.start(prompt, prefill_chunk)  # never lazy: the speculation cache drafts from the prompt on
         self.held, self.floor, self.job = list(prompt), len(prompt), None
+        return fed
 
     @property
     def draft_share(self) -> float:

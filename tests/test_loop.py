@@ -306,20 +306,21 @@ def test_a_model_round_that_pays_still_repays_its_catch_up(behind, room, want):
 
 
 @pytest.mark.parametrize("machine,hits,prompt,room,want", [
-    (AVX2, 0.0, 200, 127, True),      # the draft could pay: take the prompt with the target's
-    (AVX2, 0.0, 2000, 127, False),    # a long prompt's prefill is more than 128 tokens could win back
-    (AVX2, 0.0, 2000, 1023, True),    # ... but not more than 1024 could
-    (AVX512, 0.0, 200, 1023, False),  # a draft that cannot pay here never needs the prompt
-    ({}, 9.0, 50, 100, True),         # a draft that pays, a short prompt
-    ({}, 9.0, 2000, 100, False),      # even a draft that pays cannot win 2 s back in 100 tokens
-], ids=["avx2-short", "avx2-long-prompt", "avx2-long-answer", "avx512", "pays-short", "pays-long-prompt"])
+    ({}, 9.0, 50, 100, True),           # a draft that pays, a short prompt: the first round drafts
+    ({}, 9.0, 2000, 100, False),        # 2 s of prefill is more than 100 tokens could win back
+    ({}, 9.0, 2000, 1000, True),        # ... but not more than 1000 could
+    (AVX2, 0.0, 200, 1023, False),      # the estimate cannot argue for it: a probe may catch it up later
+    (AVX512, 9.0, 200, 127, False),     # a draft that barely pays there cannot repay 200 tokens
+], ids=["pays-short", "pays-long-prompt", "pays-long-answer", "avx2-unpaid", "avx512"])
 def test_the_draft_takes_the_prompt_only_where_it_may_pay(machine, hits, prompt, room, want):
-    """`hits` of 10 tokens accepted lately (0: the estimate cannot argue for the draft, only
-    its best case can)."""
+    """`hits` of 10 tokens accepted lately: the draft prefills exactly when the first round
+    would draft with the whole prompt behind."""
     pol = SpecPolicy(costs(**machine), None, 0, 8)
     pol.rate = DecayedRate(hits, 10.0)
     assert pol.model_pays_estimate() == (hits > 0)
     assert pol.model_may_pay(room, prompt) == want
+    pol.behind = prompt
+    assert pol.model_round_pays(room) == want
 
 
 def test_the_loop_counts_what_the_draft_missed():

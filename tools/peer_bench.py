@@ -11,9 +11,9 @@ per-prompt decode tokens/s, the median per-prompt ratio to edge-ssd `ar` and to 
 llama.cpp mode on that prompt, acceptance, mean accepted length, peak RSS.
 
     ../shared/tools/llama-cpp-peer.sh build        # once
-    python tools/peer_bench.py --bundle /work/models/qwen2.5-coder-0.5b-1.5b \\
-        --target-gguf /work/models/gguf/qwen2.5-coder-0.5b-1.5b-target.gguf \\
-        --draft-gguf /work/models/gguf/qwen2.5-coder-0.5b-1.5b-draft.gguf \\
+    python tools/peer_bench.py --bundle models/qwen2.5-coder-0.5b-1.5b \\
+        --target-gguf .cache/gguf/qwen2.5-coder-0.5b-1.5b-target.gguf \\
+        --draft-gguf .cache/gguf/qwen2.5-coder-0.5b-1.5b-draft.gguf \\
         --limit 2 --json docs/results/peer_bench.json
 
 Writes the JSON (every run) and a Markdown rendering of the tables beside it (same stem, .md).

@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--target-quant", choices=WEIGHT_QUANTS)
     ap.add_argument("--lm-head-quant", choices=WEIGHT_QUANTS, help="keep the LM heads at another precision")
     ap.add_argument("--draft-vocab", type=int, default=None,
-                    help="keep the draft's LM head to the first N token ids (cheaper draft step; lossless)")
+                    help="keep the draft's LM head to the first N token ids (cheaper draft step; lossless; "
+                         "default: the pair's recommendation, 65536 for the default pair, else the "
+                         "whole vocabulary)")
     ap.add_argument("--block-size", type=int, default=None,
                     help="int4/int8 quantization block, 16..256 (default: the pair's recommendation, else 32)")
     ap.add_argument("--lm-head-block-size", type=int, default=None,

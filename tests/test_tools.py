@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +56,28 @@ def test_bench_cli_side_by_side(fp32_bundle, tmp_path):
     assert res["summary"]["ALL"]["prompts"] == 3
     assert set(res["summary"]["coding"]) >= {"ar", "spec", "spec/k=3/drafter=model", "parallel"}
     assert all(all(r["identical"].values()) for r in res["results"])  # fp32: every mode = target's output
+
+
+def test_bundle_ab_runs_both_bundles_on_every_prompt(fp32_bundle, int4_bundle, tmp_path):
+    """tools/bundle_ab.py: ar on the first bundle, spec on each, per prompt; an fp32 pair's spec
+    is its target's own output."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"question_id": i, "category": c, "turns": [t]}) for i, (c, t) in
+                                 enumerate([("coding", "def add(a, b):"), ("coding", "import os"),
+                                            ("qa", "hello world")])) + "\n")
+    out = tmp_path / "ab.json"
+    a, b = str(fp32_bundle.path), str(int4_bundle.path)
+    tool = str(Path(__file__).parent.parent / "tools" / "bundle_ab.py")
+    p = subprocess.run([sys.executable, tool, "--bundles", f"{a},{b}", "--prompts", str(prompts),
+                        "--max-new-tokens", "10", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(out.read_text())
+    assert [r["id"] for r in res["results"]] == [0, 1, 2]
+    assert set(res["summary"]["ALL"]) == {"ar", f"spec {a}", f"spec {b}"}
+    assert all(r[f"spec {a}"]["text"] == r["ar"]["text"] for r in res["results"])
+    same = subprocess.run([sys.executable, tool, "--bundles", f"{a},{a}", "--prompts", str(prompts)],
+                          capture_output=True, text=True, timeout=60)
+    assert same.returncode == 2 and "two different folders" in same.stderr
 
 
 def test_bench_edit_tasks_with_their_predictions(fp32_bundle, tmp_path):

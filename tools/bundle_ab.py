@@ -35,10 +35,10 @@ def main() -> None:
     from edge_ssd.machine import describe
 
     paths = [Path(p) for p in args.bundles.split(",")]
-    if len(paths) != 2:
-        ap.error("--bundles takes two folders")
+    if len(paths) != 2 or paths[0] == paths[1]:
+        ap.error("--bundles takes two different folders")
     engines = [Engine.load(p) for p in paths]
-    variants = {"ar": (engines[0], "ar")} | {f"spec {p.name}": (e, "spec") for p, e in zip(paths, engines)}
+    variants = {"ar": (engines[0], "ar")} | {f"spec {p}": (e, "spec") for p, e in zip(paths, engines)}
     rows = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
     wanted = [c for c in args.categories.split(",") if c]
     cats = wanted or sorted({r["category"] for r in rows})
@@ -78,7 +78,7 @@ def main() -> None:
         print(f"| {c} | {n} | " + " | ".join(
             f"{t[v]['tok_s']:.1f} ({t[v]['x_ar']:.2f}, {t[v]['acceptance']:.2f}, {t[v]['tokens_per_round']:.2f})"
             for v in variants) + " |")
-    costs = {p.name: e.costs.to_json() for p, e in zip(paths, engines)}
+    costs = {str(p): e.costs.to_json() for p, e in zip(paths, engines)}
     print("draft step at the end: " + ", ".join(f"{n} {c['draft_step_s'] * 1e3:.1f} ms" for n, c in costs.items()))
     if args.json:
         args.json.write_text(json.dumps({"machine": describe(), "costs": costs, "summary": summary,

@@ -111,7 +111,7 @@ def hits(args) -> dict:
                               args.fanout, wait_all=True)
         ids = build_prompt(engine.tokenizer, p["prompt"], None, raw=False)
         st = Stats("parallel")
-        cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, k=None, eos_ids=engine.tokenizer.eos_ids)
+        cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, k=args.k, eos_ids=engine.tokenizer.eos_ids)
         for _ in decode(engine.target, par, ids, cfg, st, engine.costs, learned=engine.learned):
             pass
         for key in (p["category"], "ALL"):
@@ -189,8 +189,9 @@ def contention(args) -> dict:
             stop.set()
             th.join()
 
-    k1 = args.k + 1
-    out = {"split": args.split, "k": args.k,
+    k = args.k or 3
+    k1 = k + 1
+    out = {"split": args.split, "k": k,
            "verify_alone_ms": 1000 * alone(target, k1), "draft_alone_ms": 1000 * alone(draft, 1),
            "verify_beside_draft_ms": 1000 * beside(target, k1, draft, 1),
            "draft_beside_verify_ms": 1000 * beside(draft, 1, target, k1)}
@@ -209,7 +210,9 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--split", default="1+1", help="timing: target+draft threads for parallel")
     ap.add_argument("--fanout", type=int, default=4)
-    ap.add_argument("--k", type=int, default=3, help="contention: proposals per verify")
+    ap.add_argument("--k", type=int, default=None,
+                    help="contention: proposals per verify (default 3); hits: a fixed K (default: auto, as "
+                         "the runtime chooses it, which on a loaded machine may decline the model)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.part != "contention" and args.prompts is None:

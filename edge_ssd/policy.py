@@ -33,6 +33,10 @@ PROBE_MAX = 64       # ... and twice as long after each probe that leaves the mo
                      # which cost short low-acceptance answers 10-30% (docs/benchmarks.md)
 PROBE_RATE = 0.85    # per-token acceptance a probe hopes to find: the draft's on its best text (code,
                      # 0.81-0.92 measured); what a probe is judged by (`model_round_pays`)
+PROBE_ODDS_PRIOR = (1.0, 2.0)  # (found, probes): before any probe, even odds that one finds such text;
+                     # each probe then counts, undecayed, so odds fall to 1/7 after five failures but
+                     # never to zero (a prose answer that turns to code can still be found); not
+                     # carried to the next request, whose text may be another kind
 TOKEN_RATE_PRIOR = (1.2, 2.0)  # per-token acceptance 0.6 (two tokens' worth) before any round
 CARRY_TOKENS = 8.0   # a request hands the next one at most this many tokens' worth of evidence
 
@@ -136,11 +140,13 @@ class SpecPolicy:
     rate: DecayedRate = field(default_factory=lambda: DecayedRate(*TOKEN_RATE_PRIOR))
     observed: int = 0          # model-drafted rounds seen
     behind: int = 0            # tokens committed since the draft model last drafted: its next catch-up
+    probes: DecayedRate = field(default_factory=lambda: DecayedRate(*PROBE_ODDS_PRIOR, decay=1.0))
 
     def __post_init__(self) -> None:
         self.acceptance = AcceptanceModel()
         self._plain_streak = 0
         self._probe_every = PROBE_EVERY
+        self._probing = False
         if self.fixed_k is None and self.costs is None:
             raise ValueError("auto K needs step costs")
 
@@ -163,18 +169,20 @@ class SpecPolicy:
         it missed (`StepCosts.catchup`: measured ≈ 1-3 ms a token on 2 cores, so a 700-token
         prompt it did not prefill costs 0.6-2 s), so it runs when the time it is expected to
         save over the `room` left repays that. Otherwise, alone, after PROBE_EVERY declined
-        rounds (longer while probes fail), a probe runs if the model's best case (PROBE_RATE)
-        would repay it, so the estimate can recover; where even that cannot (a draft too slow
-        for this device) probes only cost (measured: 7% of `spec`'s rate on Spec-Bench prose,
-        docs/benchmarks.md). In a batch a probe would hold every other request back for its
-        drafting and verification: the estimate recovers once the request is alone again."""
+        rounds (longer while probes fail), a probe runs if the model's best case (PROBE_RATE),
+        at the odds that a probe finds it (`probes`: how earlier probes went), would repay it,
+        so the estimate can recover; where even that cannot (a draft too slow for this
+        device) probes only cost (measured: 7% of `spec`'s rate on Spec-Bench prose, and a
+        stem answer's four model rounds took 0.55 s of drafting, 10% of its decode: docs/benchmarks.md).
+        In a batch a probe would hold every other request back for its drafting and
+        verification: the estimate recovers once the request is alone again."""
         if self._forced():
             return True
         owed = self.costs.catchup(self.behind)
         if self.saving(room) > owed:
             return True
         return (self._plain_streak >= self._probe_every and self.active == 1
-                and self.saving(room, PROBE_RATE) > owed)
+                and self.probes.value * self.saving(room, PROBE_RATE) > owed)
 
     def model_may_pay(self, room: int, prompt_tokens: int) -> bool:
         """Prefill the draft with the prompt now? Exactly when the first round would run it
@@ -203,6 +211,7 @@ class SpecPolicy:
         if ran:
             paid = self.model_pays_estimate()
             self._probe_every = PROBE_EVERY if paid else min(2 * self._probe_every, PROBE_MAX)
+            self._probing = not paid
         self._plain_streak = 0 if ran else self._plain_streak + 1
 
     def model_pays_estimate(self) -> bool:
@@ -243,7 +252,12 @@ class SpecPolicy:
             self.acceptance.hits, self.acceptance.seen = np.array(hits), np.array(seen)
 
     def observe(self, confs: list, n_accepted: int) -> None:
+        """A verified proposal: the acceptance estimates learn from it; a probe's also tells
+        the probe odds whether it found text the model pays on."""
         if confs:
             self.observed += 1
             self.acceptance.observe(confs, n_accepted)
             self.rate.observe(n_accepted, min(len(confs), n_accepted + 1))
+        if self._probing:
+            self.probes.observe(float(self.model_pays_estimate()), 1.0)
+            self._probing = False

@@ -289,6 +289,50 @@ def test_a_probe_runs_only_where_it_can_pay(machine, behind, room, active, want)
     assert pol.model_round_pays(room) == want
 
 
+def _probe(pol: SpecPolicy, accepted: int, drafted: int = 4) -> None:
+    """Decline rounds until a probe is due, then run it: `accepted` of `drafted` tokens."""
+    while not pol.model_round_pays(100):
+        pol.note_model_round(ran=False)
+    pol.note_model_round(ran=True)
+    pol.observe([0.5] * drafted, accepted)
+
+
+def test_probe_odds_count_the_probes_that_found_text_the_model_pays_on():
+    """Each probe that leaves the estimate unpaid lowers the odds a probe is judged at; one
+    that finds the model paying raises them. Every probe counts alike (no decay)."""
+    pol = SpecPolicy(costs(), None, 0, 8)
+    pol.rate = DecayedRate(0.0, 10.0)
+    assert pol.probes.value == 0.5
+    for n in range(1, 6):
+        _probe(pol, accepted=0)
+        assert pol.probes.value == pytest.approx(1 / (2 + n))
+    pol.rate = DecayedRate(0.0, 3.0)     # the text turned predictable: the next probe finds it
+    _probe(pol, accepted=4)
+    assert pol.model_pays_estimate() and pol.probes.value == pytest.approx(2 / 8)
+    pol.observe([0.9] * 4, 4)            # rounds the estimate backs are not probes
+    assert pol.probes.value == pytest.approx(2 / 8)
+
+
+@pytest.mark.parametrize("found,probes,want", [
+    (1.0, 2.0, True),     # even odds: half the best case's saving repays a catch-up of 0.3 of it
+    (1.0, 7.0, False),    # after five failed probes, 1/7 of it is not
+    (6.0, 7.0, True),     # probes that kept finding paying text
+], ids=["even", "failing", "finding"])
+def test_a_probe_is_a_bet_on_the_odds_that_it_finds_text_the_model_pays_on(found, probes, want):
+    """A probe stakes the catch-up (`behind` tokens) against the best case's saving over the
+    room left, times the odds from the probes before it."""
+    from edge_ssd.policy import PROBE_EVERY, PROBE_RATE
+
+    pol = SpecPolicy(costs(), None, 0, 8)
+    pol.rate = DecayedRate(0.0, 10.0)
+    pol.probes = DecayedRate(found, probes, decay=1.0)
+    for _ in range(PROBE_EVERY):
+        pol.note_model_round(ran=False)
+    best = pol.saving(100, PROBE_RATE)
+    pol.behind = round(0.3 * best / pol.costs.catchup_token)   # the catch-up: 0.3 of the best case's saving
+    assert pol.model_round_pays(100) == want
+
+
 @pytest.mark.parametrize("behind,room,want", [
     (1, 100, True),        # caught up: the estimate alone decides
     (2000, 100, False),    # 2 s of catch-up against ≈ 0.7 s the next 100 tokens could save

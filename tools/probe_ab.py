@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""What the draft's catch-up rules are worth: `spec` with them (a model round, probe or not,
-runs only where it can repay feeding the draft what it missed: policy.model_round_pays; the
-draft's prompt prefill only where it may pay: policy.model_may_pay) against `spec` as before
-2026-12-02 (a probe after every back-off, the estimate blind to the catch-up, the draft
-always prefilled), beside `ar` and the model-free `spec/drafter=ngram`, run in turn on each
-prompt in one process (the order reversed on every other prompt; the
-suffix cache and the acceptance estimates carried between requests cleared before each
-request, so no mode drafts an earlier mode's answer or starts from its acceptance).
+"""What a rule for the draft's probes and catch-up is worth: `spec` as it is against `spec`
+under an earlier rule (`--before`), beside `ar` and the model-free `spec/drafter=ngram`, run
+in turn on each prompt in one process (the order reversed on every other prompt; the suffix
+cache and the acceptance estimates carried between requests cleared before each request, so
+no mode drafts an earlier mode's answer or starts from its acceptance). The earlier rules:
 
-    python tools/probe_ab.py --bundle models/qwen2.5-coder-0.5b-1.5b \
+- `catchup` (before 2026-12-02): a probe after every back-off, the estimate blind to the
+  catch-up, the draft always prefilled (now: policy.model_round_pays, policy.model_may_pay);
+- `odds` (before 2026-12-03): a probe judged by its best case alone, as if every probe would
+  find it (now: the best case times the odds from the probes before it, SpecPolicy.probes).
+
+    python tools/probe_ab.py --bundle models/qwen2.5-coder-0.5b-1.5b --before odds \
         --prompts ../shared/bench/spec_bench_questions.jsonl --limit 2 --json OUT.json
 
 Prints per category the median decode tokens/s and the median per-prompt ratio to `ar`; for
@@ -24,12 +26,29 @@ from pathlib import Path
 
 from edge_ssd.hugepages import reexec_with_hugepages
 
-VARIANTS = {  # name -> (generate() keywords, the rule before: every probe, the draft always prefilled)
+VARIANTS = {  # name -> (generate() keywords, under the earlier rule)
     "ar": ({"mode": "ar"}, False),
     "ngram": ({"mode": "spec", "drafter": "ngram"}, False),
     "spec": ({"mode": "spec"}, False),
     "spec before": ({"mode": "spec"}, True),
 }
+
+
+def earlier_rules(policy, name: str) -> tuple:
+    """(model_round_pays, model_may_pay) as they were before the rule `name` came in."""
+    P = policy.SpecPolicy
+    if name == "catchup":
+        def round_before(self, room: int) -> bool:
+            return self.model_pays_estimate() or (self._plain_streak >= self._probe_every and self.active == 1)
+        return round_before, (lambda self, room, prompt_tokens: True)
+
+    def round_at_any_odds(self, room: int) -> bool:
+        if self._forced():
+            return True
+        owed = self.costs.catchup(self.behind)
+        return self.saving(room) > owed or (self._plain_streak >= self._probe_every and self.active == 1
+                                            and self.saving(room, policy.PROBE_RATE) > owed)
+    return round_at_any_odds, P.model_may_pay
 
 
 def main() -> None:
@@ -39,6 +58,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=2, help="prompts per category")
     ap.add_argument("--categories", default="", help="comma-separated (default: all)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--before", choices=["catchup", "odds"], default="odds",
+                    help="the earlier rule `spec before` runs under (see above)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -46,11 +67,8 @@ def main() -> None:
     from edge_ssd.api import Engine
     from edge_ssd.machine import describe
 
-    def round_before(self: policy.SpecPolicy, room: int) -> bool:
-        return self.model_pays_estimate() or (self._plain_streak >= self._probe_every and self.active == 1)
-
     rules = policy.SpecPolicy.model_round_pays, policy.SpecPolicy.model_may_pay
-    before = round_before, (lambda self, room, prompt_tokens: True)
+    before = earlier_rules(policy, args.before)
     engine = Engine.load(args.bundle)
     rows = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
     wanted = [c for c in args.categories.split(",") if c]
@@ -90,7 +108,7 @@ def main() -> None:
           + ", ".join(f"{v} {summary['ALL'][v]['total_x_ar']:.2f}" for v in VARIANTS))
     print("step costs at the end:", json.dumps(engine.costs.to_json()))
     if args.json:
-        args.json.write_text(json.dumps({"machine": describe(), "costs": engine.costs.to_json(),
+        args.json.write_text(json.dumps({"machine": describe(), "before": args.before, "costs": engine.costs.to_json(),
                                          "summary": summary, "results": results}, indent=1))
 
 

@@ -20,7 +20,7 @@ from .enums import DraftSource, FinishReason, GovernorAction
 from .errors import MemoryBudgetError, RequestError
 from .governor import Governor, prefill_bytes_per_token
 from .model import SHARED_PREFILL_CHUNK, OnnxLM, prefill
-from .policy import AnswerLengths, SpecPolicy
+from .policy import SpecPolicy
 from .sampling import SamplingParams, accept_greedy, accept_sampled, pick
 from .stats import Stats
 
@@ -100,8 +100,7 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
     drafter None is plain target decoding: the `ar` baseline. costs (shared across requests)
     are needed for auto K and are kept current with the steps this request runs. The governor,
     asked between rounds, can cap K, drop the draft (on_drop_draft frees it) or end the request.
-    `learned` carries acceptance estimates and answer lengths from one request to the next
-    (read, then updated).
+    `learned` carries acceptance estimates from one request to the next (read, then updated).
     A round with no proposal is a plain step: the same verification with one row.
     """
     if not prompt:
@@ -114,10 +113,8 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
     # steps that overlap drafting (parallel mode) do not measure the device's step costs
     costs_seen = None if drafter is not None and drafter.concurrent else costs
     policy = SpecPolicy(costs, cfg.k, cfg.k_min, cfg.k_max) if drafter is not None else None
-    lengths = learned.setdefault("lengths", AnswerLengths()) if learned is not None else None
-    if policy is not None and learned is not None:
+    if policy is not None and learned:
         policy.load(learned)
-        policy.lengths = lengths
     t_start = time.perf_counter()
     stats.prompt_tokens = len(prompt)
     target.reset()
@@ -184,8 +181,6 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
             stats.parallel = drafter.parallel_stats()
         if policy is not None and learned is not None and policy.observed:
             learned.update(policy.state())
-        if lengths is not None and stats.finish_reason:  # not a request its consumer left
-            lengths.add(produced, stats.finish_reason == FinishReason.STOP)
         stats.new_tokens = produced
         t_end = time.perf_counter()
         stats.decode_s = t_end - t_first

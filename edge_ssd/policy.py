@@ -38,9 +38,6 @@ PROBE_ODDS_PRIOR = (1.0, 2.0)  # (found, probes): before any probe, even odds th
                      # never to zero (a prose answer that turns to code can still be found); not
                      # carried to the next request, whose text may be another kind
 TOKEN_RATE_PRIOR = (1.2, 2.0)  # per-token acceptance 0.6 (two tokens' worth) before any round
-LENGTHS_KEPT = 64    # recent answers the horizon is read from: enough for a workload's mix, few enough
-                     # to follow it when it changes
-LENGTHS_PRIOR = 2.0  # pseudo-answers that run to the budget: with no history the horizon is the room
 CARRY_TOKENS = 8.0   # a request hands the next one at most this many tokens' worth of evidence
 
 
@@ -81,31 +78,6 @@ def batch_cost(costs: StepCosts, active: int, rows: int) -> float:
     if rows <= 1:
         return per_token
     return per_token + costs.verify_rows(rows) - (batch - costs.verify_rows(n - 1))
-
-
-@dataclass
-class AnswerLengths:
-    """How long an engine's recent answers ran, (tokens, ended by EOS or a stop string).
-
-    A catch-up is staked on the tokens an answer has left, and the token budget overstates
-    them where answers are short: on Spec-Bench 8 of 26 answers ended before 28 of 128 tokens,
-    and there a probe that fed the draft the prompt (0.2-0.27 s) was never won back."""
-
-    tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    stopped: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
-
-    def add(self, tokens: int, stopped: bool) -> None:
-        self.tokens = np.append(self.tokens, tokens)[-LENGTHS_KEPT:]
-        self.stopped = np.append(self.stopped, stopped)[-LENGTHS_KEPT:]
-
-    def horizon(self, produced: int, room: int) -> float:
-        """Tokens this answer is expected to make from here, at most room + 1: what the recent
-        answers that ran past `produced` made after it (one that ran into its budget or the
-        context is taken to run on), beside LENGTHS_PRIOR answers that run to the budget."""
-        cap = room + 1
-        past = self.tokens > produced
-        rest = np.where(self.stopped[past], np.minimum(self.tokens[past] - produced, cap), cap)
-        return float((LENGTHS_PRIOR * cap + rest.sum()) / (LENGTHS_PRIOR + rest.size))
 
 
 @dataclass
@@ -169,8 +141,6 @@ class SpecPolicy:
     observed: int = 0          # model-drafted rounds seen
     behind: int = 0            # tokens committed since the draft model last drafted: its next catch-up
     probes: DecayedRate = field(default_factory=lambda: DecayedRate(*PROBE_ODDS_PRIOR, decay=1.0))
-    lengths: Optional[AnswerLengths] = None  # the engine's recent answers (None: each runs to its budget)
-    produced: int = 0          # tokens this request's rounds have committed (after the prefill's one)
 
     def __post_init__(self) -> None:
         self.acceptance = AcceptanceModel()
@@ -225,16 +195,14 @@ class SpecPolicy:
         return self._forced() or self.saving(room) > self.costs.catchup(prompt_tokens)
 
     def saving(self, room: int, rate: Optional[float] = None) -> float:
-        """Seconds model-drafted rounds would save over plain steps across the tokens the answer
-        is expected to make (at most room + 1: `lengths.horizon`) at per-token acceptance `rate`
-        (None: the recent one); negative when they lose."""
-        tokens = room + 1 if self.lengths is None else self.lengths.horizon(self.produced, room)
+        """Seconds model-drafted rounds would save over plain steps across the next room + 1
+        tokens at per-token acceptance `rate` (None: the recent one); negative when they lose."""
+        tokens = room + 1
         return tokens * self.cost(1) - tokens / self.model_rate(rate)
 
     def advance(self, tokens: int, by_model: bool) -> None:
         """A round committed `tokens`; drafted by the model, its cache then lacks only the last."""
         self.behind = 1 if by_model else self.behind + tokens
-        self.produced += tokens
 
     def note_model_round(self, ran: bool) -> None:
         """The draft model ran this round (the probe count restarts) or was declined. A round

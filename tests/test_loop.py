@@ -265,7 +265,6 @@ def test_a_lazy_draft_catches_up_and_drafts_what_an_eager_one_would():
 
 AVX512 = dict(draft=0.0108, decode1=0.0223, row=0.0083, catchup=0.0032)  # the 2-core AVX-512 machine, measured
 AVX2 = dict(draft=0.0105, decode1=0.022, row=0.004, catchup=0.0008)   # the 2-core AVX2 machine of before
-INTEL = dict(draft=0.0166, decode1=0.041, row=0.0098, catchup=0.0035)  # the Intel AMX machine, 2026-12-03
 
 
 @pytest.mark.parametrize("machine,behind,room,active,want", [
@@ -332,68 +331,6 @@ def test_a_probe_is_a_bet_on_the_odds_that_it_finds_text_the_model_pays_on(found
     best = pol.saving(100, PROBE_RATE)
     pol.behind = round(0.3 * best / pol.costs.catchup_token)   # the catch-up: 0.3 of the best case's saving
     assert pol.model_round_pays(100) == want
-
-
-@pytest.mark.parametrize("answers,produced,room,want", [
-    ([], 0, 127, 128),                           # no history: the answer runs to its budget
-    ([(20, True)] * 6, 0, 127, (2 * 128 + 6 * 20) / 8),   # short answers pull it down ...
-    ([(20, True)] * 6, 10, 117, (2 * 118 + 6 * 10) / 8),  # ... to what they made past this point
-    ([(20, True)] * 6, 30, 97, 98),              # longer than every recent answer: it runs on
-    ([(128, False)] * 6, 0, 127, 128),           # answers that hit their budget were not short
-    ([(300, True)] * 6, 0, 127, 128),            # nor were ones longer than this budget
-], ids=["none", "short", "short-past-10", "past-all", "budget", "long"])
-def test_the_horizon_is_what_recent_answers_made_past_this_point(answers, produced, room, want):
-    from edge_ssd.policy import AnswerLengths
-
-    lengths = AnswerLengths()
-    for n, stopped in answers:
-        lengths.add(n, stopped)
-    assert lengths.horizon(produced, room) == pytest.approx(want)
-
-
-def test_the_horizon_keeps_only_recent_answers():
-    from edge_ssd.policy import LENGTHS_KEPT, AnswerLengths
-
-    lengths = AnswerLengths()
-    for _ in range(LENGTHS_KEPT):
-        lengths.add(10, True)
-    for _ in range(LENGTHS_KEPT):
-        lengths.add(500, False)
-    assert lengths.tokens.size == LENGTHS_KEPT and lengths.horizon(0, 127) == 128
-
-
-def test_after_short_answers_a_probe_no_longer_stakes_the_prompt():
-    """Spec-Bench qa #321: a 22-token answer whose first probe fed the draft its prompt. With
-    answers that short behind it, the same probe is declined; with none, it runs."""
-    from edge_ssd.policy import PROBE_EVERY, AnswerLengths
-
-    def probe_runs(lengths) -> bool:
-        pol = SpecPolicy(costs(**INTEL), None, 0, 8, lengths=lengths)
-        pol.rate = DecayedRate(0.0, 10.0)
-        for _ in range(PROBE_EVERY):
-            pol.note_model_round(ran=False)
-            pol.advance(1, by_model=False)
-        pol.behind = 40 + PROBE_EVERY      # a 40-token prompt the draft did not prefill
-        return pol.model_round_pays(127 - PROBE_EVERY)
-
-    short = AnswerLengths()
-    for n in (22, 16, 13, 16, 11, 26):
-        short.add(n, True)
-    assert probe_runs(AnswerLengths()) and not probe_runs(short)
-
-
-def test_the_loop_records_how_long_answers_ran():
-    """`learned` keeps each finished answer's length and whether EOS ended it, for ar too."""
-    want, _ = run(FakeLM(), None, n=10)
-    learned: dict = {}
-    for drafter_kind, eos in ((None, None), ("model", want[5])):
-        target = FakeLM()
-        cfg = DecodeConfig(max_new_tokens=10, k=None, eos_ids=frozenset({eos} - {None}))
-        drafter = make_drafter(drafter_kind, target, 0.9) if drafter_kind else None
-        for _ in decode(target, drafter, list(PROMPT), cfg, Stats("x"), costs(), learned=learned):
-            pass
-    lengths = learned["lengths"]
-    assert lengths.tokens.tolist() == [10, want.index(want[5])] and lengths.stopped.tolist() == [False, True]
 
 
 @pytest.mark.parametrize("behind,room,want", [

@@ -8,11 +8,7 @@ no mode drafts an earlier mode's answer or starts from its acceptance). The earl
 - `catchup` (before 2026-12-02): a probe after every back-off, the estimate blind to the
   catch-up, the draft always prefilled (now: policy.model_round_pays, policy.model_may_pay);
 - `odds` (before 2026-12-03): a probe judged by its best case alone, as if every probe would
-  find it (now: the best case times the odds from the probes before it, SpecPolicy.probes);
-- `horizon` (before 2026-12-03): every answer expected to run to its token budget (now: what
-  the engine's recent answers made past this point, AnswerLengths.horizon). The horizon reads
-  earlier answers, so with `--before horizon` each variant keeps its own estimates from prompt
-  to prompt, as a server does, instead of starting cold.
+  find it (now: the best case times the odds from the probes before it, SpecPolicy.probes).
 
     python tools/probe_ab.py --bundle models/qwen2.5-coder-0.5b-1.5b --before odds \
         --prompts ../shared/bench/spec_bench_questions.jsonl --limit 2 --json OUT.json
@@ -38,16 +34,13 @@ VARIANTS = {  # name -> (generate() keywords, under the earlier rule)
 }
 
 
-def earlier_rules(policy, name: str) -> dict:
-    """SpecPolicy methods as they were before the rule `name` came in, by name."""
+def earlier_rules(policy, name: str) -> tuple:
+    """(model_round_pays, model_may_pay) as they were before the rule `name` came in."""
+    P = policy.SpecPolicy
     if name == "catchup":
         def round_before(self, room: int) -> bool:
             return self.model_pays_estimate() or (self._plain_streak >= self._probe_every and self.active == 1)
-        return {"model_round_pays": round_before, "model_may_pay": lambda self, room, prompt_tokens: True}
-    if name == "horizon":
-        def saving_to_the_budget(self, room: int, rate=None) -> float:
-            return (room + 1) * self.cost(1) - (room + 1) / self.model_rate(rate)
-        return {"saving": saving_to_the_budget}
+        return round_before, (lambda self, room, prompt_tokens: True)
 
     def round_at_any_odds(self, room: int) -> bool:
         if self._forced():
@@ -55,7 +48,7 @@ def earlier_rules(policy, name: str) -> dict:
         owed = self.costs.catchup(self.behind)
         return self.saving(room) > owed or (self._plain_streak >= self._probe_every and self.active == 1
                                             and self.saving(room, policy.PROBE_RATE) > owed)
-    return {"model_round_pays": round_at_any_odds}
+    return round_at_any_odds, P.model_may_pay
 
 
 def main() -> None:
@@ -65,7 +58,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=2, help="prompts per category")
     ap.add_argument("--categories", default="", help="comma-separated (default: all)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--before", choices=["catchup", "odds", "horizon"], default="odds",
+    ap.add_argument("--before", choices=["catchup", "odds"], default="odds",
                     help="the earlier rule `spec before` runs under (see above)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -74,10 +67,8 @@ def main() -> None:
     from edge_ssd.api import Engine
     from edge_ssd.machine import describe
 
+    rules = policy.SpecPolicy.model_round_pays, policy.SpecPolicy.model_may_pay
     before = earlier_rules(policy, args.before)
-    rules = {name: getattr(policy.SpecPolicy, name) for name in before}
-    carry = args.before == "horizon"   # the horizon reads earlier answers: each variant keeps its own
-    learned = {name: {} for name in VARIANTS}
     engine = Engine.load(args.bundle)
     rows = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
     wanted = [c for c in args.categories.split(",") if c]
@@ -87,15 +78,13 @@ def main() -> None:
     for i, q in enumerate(chosen):
         rec = {"id": q["question_id"], "category": q["category"]}
         for name, (kw, every) in list(VARIANTS.items())[:: 1 if i % 2 == 0 else -1]:
-            for method, fn in (before if every else rules).items():
-                setattr(policy.SpecPolicy, method, fn)
+            policy.SpecPolicy.model_round_pays, policy.SpecPolicy.model_may_pay = before if every else rules
             engine.suffix_cache.clear()
-            engine.learned = learned[name] if carry else {}
+            engine.learned.clear()
             r = engine.generate(messages=[{"role": "user", "content": q["turns"][0]}],
                                 max_new_tokens=args.max_new_tokens, **kw)
             rec[name] = {k: r.stats[k] for k in ("tokens_per_s", "prefill_s", "total_s", "new_tokens", "draft_s", "drafters")}
-        for method, fn in rules.items():
-            setattr(policy.SpecPolicy, method, fn)
+        policy.SpecPolicy.model_round_pays, policy.SpecPolicy.model_may_pay = rules
         results.append(rec)
         print(f"[{i + 1}/{len(chosen)}] {q['category']} {q['question_id']}: "
               + "  ".join(f"{n} {rec[n]['tokens_per_s']:.1f}" for n in VARIANTS), flush=True)

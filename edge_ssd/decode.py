@@ -155,7 +155,7 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
             prop = drafter.propose(seq, rnd) if rnd is not None and rnd.k > 0 else NO_PROPOSAL
             t1 = time.perf_counter()
             stats.draft_s += t1 - t0
-            _learn_from_drafting(prop, policy, costs_seen)
+            _learn_from_drafting(prop, policy, costs_seen, stats)
             k = len(prop.tokens)
             if k:
                 drafter.overlap(seq, prop, rnd)  # parallel mode: pre-draft the next round meanwhile
@@ -179,8 +179,10 @@ def decode(target: OnnxLM, drafter: Optional[Drafter], prompt: list, cfg: Decode
     finally:
         if drafter is not None:
             stats.parallel = drafter.parallel_stats()
-        if policy is not None and learned is not None and policy.observed:
-            learned.update(policy.state())
+        if policy is not None:
+            stats.probes = list(policy.probe_counts)
+            if learned is not None and policy.observed:
+                learned.update(policy.state())
         stats.new_tokens = produced
         t_end = time.perf_counter()
         stats.decode_s = t_end - t_first
@@ -203,8 +205,12 @@ def _govern(governor: Optional[Governor], policy: Optional[SpecPolicy], drafter:
     return act
 
 
-def _learn_from_drafting(prop: Proposal, policy: Optional[SpecPolicy], costs: Optional[StepCosts]) -> None:
-    """What a proposal tells the estimates: whether the draft model ran, its step and catch-up times."""
+def _learn_from_drafting(prop: Proposal, policy: Optional[SpecPolicy], costs: Optional[StepCosts],
+                         stats: Stats) -> None:
+    """What a proposal tells the estimates (whether the draft model ran, its step and catch-up
+    times) and the request's stats (what its catch-ups fed the draft and took)."""
+    if prop.catchup:
+        stats.catchup = [stats.catchup[0] + prop.catchup[0], stats.catchup[1] + prop.catchup[1]]
     if prop.source == DraftSource.MODEL:
         policy.note_model_round(ran=bool(prop.tokens))
     if costs is not None:

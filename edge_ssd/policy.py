@@ -214,6 +214,11 @@ class SpecPolicy:
             self._probing = not paid
         self._plain_streak = 0 if ran else self._plain_streak + 1
 
+    @property
+    def probe_counts(self) -> tuple:
+        """(probes run, probes that found the model paying) in this request: the odds less their prior."""
+        return round(self.probes.seen - PROBE_ODDS_PRIOR[1]), round(self.probes.hits - PROBE_ODDS_PRIOR[0])
+
     def model_pays_estimate(self) -> bool:
         """Is a model-drafted round (its draft caught up) expected to beat a plain step?"""
         return self._forced() or self.model_rate() > 1 / self.cost(1)

@@ -26,6 +26,10 @@ class Stats:
     error: str = ""
     memory_events: list = field(default_factory=list)
     parallel: dict = field(default_factory=dict)   # parallel mode: hits, misses, time hidden
+    catchup: list = field(default_factory=lambda: [0, 0.0])  # [tokens, seconds] fed to a draft model that fell
+                                                             # behind (while decoding: its prompt prefill is in prefill_s)
+    probes: list = field(default_factory=lambda: [0, 0])     # [run, found]: model rounds the estimate did
+                                                             # not back, and those that left it backing the model
     token_sources: list = field(default_factory=list)  # DraftSource of each new token (not in to_json)
 
     def record_round(self, k: int, n: int, source: str = "") -> None:
@@ -82,5 +86,8 @@ class Stats:
             "finish_reason": self.finish_reason,
             "memory_events": self.memory_events,
             "parallel": self.parallel,
+            "catchup_tokens": self.catchup[0],
+            "catchup_s": round(self.catchup[1], 4),
+            "probes": {"run": self.probes[0], "found": self.probes[1]},
             "peak_rss_bytes": peak_rss_bytes(),
         }

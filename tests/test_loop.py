@@ -111,6 +111,25 @@ def test_auto_k_follows_costs_and_acceptance(agreement, draft_step, expect):
         assert 0.8 <= mean_k <= 2 and plain < 0.2, (mean_k, plain)
 
 
+@pytest.mark.parametrize("agreement,probes,found", [
+    (0.0, True, False),   # an always-wrong cheap draft: declined, probed, never found paying
+    (1.0, False, False),  # an always-right one: the estimate backs every round, nothing is a probe
+])
+def test_stats_count_probes_and_what_catching_up_fed_the_draft(agreement, probes, found):
+    target = FakeLM(max_context=1024)
+    _, stats = run(target, make_drafter("model", target, agreement), n=300, step_costs=frozen(draft=0.004))
+    from edge_ssd.policy import PROBE_EVERY
+
+    run_, found_ = stats.probes
+    assert (run_ > 0) == probes and (found_ > 0) == found and found_ <= run_
+    if probes:   # each probe feeds the draft the PROBE_EVERY or more tokens of the plain rounds before it
+        assert stats.catchup[0] >= run_ * PROBE_EVERY and stats.catchup[1] > 0
+    else:        # a draft that drafts every round is behind by two tokens at most (its last and the bonus)
+        assert 0 < stats.catchup[0] <= 2 * stats.sources["model"][0]
+    js = stats.to_json()
+    assert js["probes"] == {"run": run_, "found": found_} and js["catchup_tokens"] == stats.catchup[0]
+
+
 def test_eos_and_context_end_a_request():
     target = FakeLM(max_context=40)
     out, stats = run(target, make_drafter("model", target, 1.0), n=100)

@@ -26,8 +26,10 @@ class Stats:
     error: str = ""
     memory_events: list = field(default_factory=list)
     parallel: dict = field(default_factory=dict)   # parallel mode: hits, misses, time hidden
-    catchup: list = field(default_factory=lambda: [0, 0.0])  # [tokens, seconds] fed to a draft model that fell
-                                                             # behind (while decoding: its prompt prefill is in prefill_s)
+    catchup: list = field(default_factory=lambda: [0, 0.0])  # [tokens, seconds] of draft forwards fed several
+                                                             # tokens: what it missed (plain or lookup rounds, a
+                                                             # prompt it did not prefill) or its last draft and the
+                                                             # bonus; the time includes that round's first step
     probes: list = field(default_factory=lambda: [0, 0])     # [run, found]: model rounds the estimate did
                                                              # not back, and those that left it backing the model
     token_sources: list = field(default_factory=list)  # DraftSource of each new token (not in to_json)

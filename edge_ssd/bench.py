@@ -57,6 +57,16 @@ def read_prompts(path: Path, limit: Optional[int] = None, categories: Optional[s
     return rows
 
 
+
+def prompts_by_category(path: Path, limit: Optional[int], categories: str = "") -> tuple:
+    """(categories, their prompts grouped in that order) for the A/B tools, which run every
+    variant on one prompt before the next: `categories` comma-separated, or every one, sorted."""
+    wanted = [c for c in categories.split(",") if c]
+    rows = read_prompts(path, limit, set(wanted) or None)
+    cats = wanted or sorted({r["category"] for r in rows})
+    return cats, [q for c in cats for q in rows if q["category"] == c]
+
+
 def _decode_tokens(s: dict) -> int:
     """Tokens that a run's decode time paid for. edge-ssd's first new token comes out of prefill,
     so it is not counted; a record from another engine says its own count (`decode_tokens`)."""

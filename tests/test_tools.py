@@ -58,6 +58,21 @@ def test_bench_cli_side_by_side(fp32_bundle, tmp_path):
     assert all(all(r["identical"].values()) for r in res["results"])  # fp32: every mode = target's output
 
 
+@pytest.mark.parametrize("categories,limit,want_cats,want_ids", [
+    ("", None, ["a", "b"], [2, 1, 3]),     # every category, sorted; prompts grouped under each
+    ("b,a", None, ["b", "a"], [1, 3, 2]),  # the order asked for
+    ("b", 1, ["b"], [1]),                  # the limit is per category
+])
+def test_prompts_by_category(tmp_path, categories, limit, want_cats, want_ids):
+    from edge_ssd.bench import prompts_by_category
+
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(json.dumps({"question_id": i, "category": c, "turns": [f"q{i}"]})
+                           for i, c in [(1, "b"), (2, "a"), (3, "b")]) + "\n")
+    cats, rows = prompts_by_category(f, limit, categories)
+    assert cats == want_cats and [r["id"] for r in rows] == want_ids and rows[0]["prompt"] == f"q{want_ids[0]}"
+
+
 def test_bundle_ab_runs_both_bundles_on_every_prompt(fp32_bundle, int4_bundle, tmp_path):
     """tools/bundle_ab.py: ar on the first bundle, spec on each, per prompt; an fp32 pair's spec
     is its target's own output."""

@@ -24,7 +24,7 @@ from edge_ssd.hugepages import reexec_with_hugepages
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundles", required=True, help="two bundle folders, comma-separated")
-    ap.add_argument("--prompts", type=Path, required=True, help="JSONL with `turns` and `category`")
+    ap.add_argument("--prompts", type=Path, required=True, help="JSONL: `prompt` or Spec-Bench `turns`, and `category`")
     ap.add_argument("--limit", type=int, default=2, help="prompts per category")
     ap.add_argument("--categories", default="", help="comma-separated (default: all)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -32,6 +32,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from edge_ssd.api import Engine
+    from edge_ssd.bench import prompts_by_category
     from edge_ssd.machine import describe
 
     paths = [Path(p) for p in args.bundles.split(",")]
@@ -39,23 +40,20 @@ def main() -> None:
         ap.error("--bundles takes two different folders")
     engines = [Engine.load(p) for p in paths]
     variants = {"ar": (engines[0], "ar")} | {f"spec {p}": (e, "spec") for p, e in zip(paths, engines)}
-    rows = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
-    wanted = [c for c in args.categories.split(",") if c]
-    cats = wanted or sorted({r["category"] for r in rows})
-    chosen = [q for c in cats for q in [r for r in rows if r["category"] == c][: args.limit]]
+    cats, chosen = prompts_by_category(args.prompts, args.limit, args.categories)
     results = []
     for i, q in enumerate(chosen):
-        rec = {"id": q["question_id"], "category": q["category"]}
+        rec = {"id": q["id"], "category": q["category"]}
         for name, (engine, mode) in list(variants.items())[:: 1 if i % 2 == 0 else -1]:
             engine.suffix_cache.clear()
             engine.learned.clear()
-            r = engine.generate(messages=[{"role": "user", "content": q["turns"][0]}],
+            r = engine.generate(messages=[{"role": "user", "content": q["prompt"]}],
                                 max_new_tokens=args.max_new_tokens, mode=mode)
             rec[name] = {k: r.stats[k] for k in ("tokens_per_s", "new_tokens", "rounds", "drafted",
                                                  "accepted", "draft_s", "drafters")}
             rec[name]["text"] = r.text
         results.append(rec)
-        print(f"[{i + 1}/{len(chosen)}] {q['category']} {q['question_id']}: "
+        print(f"[{i + 1}/{len(chosen)}] {q['category']} {q['id']}: "
               + "  ".join(f"{n} {rec[n]['tokens_per_s']:.1f}" for n in variants), flush=True)
 
     def table(recs: list) -> dict:

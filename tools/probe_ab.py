@@ -54,7 +54,7 @@ def earlier_rules(policy, name: str) -> tuple:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, required=True)
-    ap.add_argument("--prompts", type=Path, required=True, help="Spec-Bench JSONL (`turns`, `category`)")
+    ap.add_argument("--prompts", type=Path, required=True, help="JSONL: `prompt` or Spec-Bench `turns`, and `category`")
     ap.add_argument("--limit", type=int, default=2, help="prompts per category")
     ap.add_argument("--categories", default="", help="comma-separated (default: all)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -65,28 +65,26 @@ def main() -> None:
 
     from edge_ssd import policy
     from edge_ssd.api import Engine
+    from edge_ssd.bench import prompts_by_category
     from edge_ssd.machine import describe
 
     rules = policy.SpecPolicy.model_round_pays, policy.SpecPolicy.model_may_pay
     before = earlier_rules(policy, args.before)
     engine = Engine.load(args.bundle)
-    rows = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
-    wanted = [c for c in args.categories.split(",") if c]
-    cats = wanted or sorted({r["category"] for r in rows})
-    chosen = [q for c in cats for q in [r for r in rows if r["category"] == c][: args.limit]]
+    cats, chosen = prompts_by_category(args.prompts, args.limit, args.categories)
     results = []
     for i, q in enumerate(chosen):
-        rec = {"id": q["question_id"], "category": q["category"]}
+        rec = {"id": q["id"], "category": q["category"]}
         for name, (kw, every) in list(VARIANTS.items())[:: 1 if i % 2 == 0 else -1]:
             policy.SpecPolicy.model_round_pays, policy.SpecPolicy.model_may_pay = before if every else rules
             engine.suffix_cache.clear()
             engine.learned.clear()
-            r = engine.generate(messages=[{"role": "user", "content": q["turns"][0]}],
+            r = engine.generate(messages=[{"role": "user", "content": q["prompt"]}],
                                 max_new_tokens=args.max_new_tokens, **kw)
             rec[name] = {k: r.stats[k] for k in ("tokens_per_s", "prefill_s", "total_s", "new_tokens", "draft_s", "drafters")}
         policy.SpecPolicy.model_round_pays, policy.SpecPolicy.model_may_pay = rules
         results.append(rec)
-        print(f"[{i + 1}/{len(chosen)}] {q['category']} {q['question_id']}: "
+        print(f"[{i + 1}/{len(chosen)}] {q['category']} {q['id']}: "
               + "  ".join(f"{n} {rec[n]['tokens_per_s']:.1f}" for n in VARIANTS), flush=True)
 
     def table(recs: list) -> dict:

@@ -57,7 +57,6 @@ def read_prompts(path: Path, limit: Optional[int] = None, categories: Optional[s
     return rows
 
 
-
 def prompts_by_category(path: Path, limit: Optional[int], categories: str = "") -> tuple:
     """(categories, their prompts grouped in that order) for the A/B tools, which run every
     variant on one prompt before the next: `categories` comma-separated, or every one, sorted."""

@@ -93,6 +93,12 @@ def test_bundle_ab_runs_both_bundles_on_every_prompt(fp32_bundle, int4_bundle, t
     same = subprocess.run([sys.executable, tool, "--bundles", f"{a},{a}", "--prompts", str(prompts)],
                           capture_output=True, text=True, timeout=60)
     assert same.returncode == 2 and "two different folders" in same.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    for tool_args in (["--bundles", f"{a},{b}", "--prompts", str(bad)], ["--bundles", f"{a},{tmp_path / 'none'}",
+                                                                         "--prompts", str(prompts)]):
+        p = subprocess.run([sys.executable, tool, *tool_args], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr, p.stderr
 
 
 def test_bench_edit_tasks_with_their_predictions(fp32_bundle, tmp_path):

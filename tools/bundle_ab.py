@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 from edge_ssd.hugepages import reexec_with_hugepages
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundles", required=True, help="two bundle folders, comma-separated")
     ap.add_argument("--prompts", type=Path, required=True, help="JSONL: `prompt` or Spec-Bench `turns`, and `category`")
@@ -33,14 +34,19 @@ def main() -> None:
 
     from edge_ssd.api import Engine
     from edge_ssd.bench import prompts_by_category
+    from edge_ssd.errors import EdgeSSDError
     from edge_ssd.machine import describe
 
     paths = [Path(p) for p in args.bundles.split(",")]
     if len(paths) != 2 or paths[0] == paths[1]:
         ap.error("--bundles takes two different folders")
-    engines = [Engine.load(p) for p in paths]
+    try:  # the prompts first: a bad file is one line before two pairs take 10 s to load
+        cats, chosen = prompts_by_category(args.prompts, args.limit, args.categories)
+        engines = [Engine.load(p) for p in paths]
+    except EdgeSSDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     variants = {"ar": (engines[0], "ar")} | {f"spec {p}": (e, "spec") for p, e in zip(paths, engines)}
-    cats, chosen = prompts_by_category(args.prompts, args.limit, args.categories)
     results = []
     for i, q in enumerate(chosen):
         rec = {"id": q["id"], "category": q["category"]}
@@ -81,8 +87,9 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"machine": describe(), "costs": costs, "summary": summary,
                                          "results": results}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
     reexec_with_hugepages()
-    main()
+    sys.exit(main())

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 from edge_ssd.hugepages import reexec_with_hugepages
@@ -51,7 +52,7 @@ def earlier_rules(policy, name: str) -> tuple:
     return round_at_any_odds, P.model_may_pay
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, required=True)
     ap.add_argument("--prompts", type=Path, required=True, help="JSONL: `prompt` or Spec-Bench `turns`, and `category`")
@@ -66,12 +67,17 @@ def main() -> None:
     from edge_ssd import policy
     from edge_ssd.api import Engine
     from edge_ssd.bench import prompts_by_category
+    from edge_ssd.errors import EdgeSSDError
     from edge_ssd.machine import describe
 
     rules = policy.SpecPolicy.model_round_pays, policy.SpecPolicy.model_may_pay
     before = earlier_rules(policy, args.before)
-    engine = Engine.load(args.bundle)
-    cats, chosen = prompts_by_category(args.prompts, args.limit, args.categories)
+    try:  # the prompts first: a bad file is one line before the pair takes seconds to load
+        cats, chosen = prompts_by_category(args.prompts, args.limit, args.categories)
+        engine = Engine.load(args.bundle)
+    except EdgeSSDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     results = []
     for i, q in enumerate(chosen):
         rec = {"id": q["id"], "category": q["category"]}
@@ -108,8 +114,9 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"machine": describe(), "before": args.before, "costs": engine.costs.to_json(),
                                          "summary": summary, "results": results}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
     reexec_with_hugepages()
-    main()
+    sys.exit(main())
